@@ -1,0 +1,201 @@
+"""Two-stage fine-tuning: a frozen backbone, then its top blocks unfrozen with BatchNorm kept frozen.
+
+Written instead of Lightning's ``BackboneFinetuning`` because that one leaves BatchNorm in train mode
+(running statistics drift while "frozen"), re-freezes the backbone when resuming after the unfreeze
+epoch (Lightning #21901) and adds optimizer groups mid-run (schedulers miss them). Here:
+
+* the stage is a function of the epoch (``stage_at``), with the epoch of the switch saved in the
+  checkpoint, so a resumed run lands in the stage it was in;
+* the optimizer holds the head and backbone groups from the start (see ``LitClassifier``) and frozen
+  parameters just have no gradient, so nothing about the optimizer or scheduler changes at the switch;
+* frozen normalisation layers are put in eval mode at the start of every training epoch, so neither
+  their affine weights nor their running mean/variance move;
+* under DDP the wrapper is rebuilt at the switch, so the gradients of newly unfrozen parameters are
+  all-reduced (DDP registers only parameters that require grad when it wraps the model; #20340).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+
+from foodvision.models.classifier import BlockGroup
+
+log = logging.getLogger(__name__)
+
+NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
+
+
+def select_groups(groups: list[BlockGroup], unfreeze: str | int | None) -> list[BlockGroup]:
+    """The block groups that stage 2 trains: ``none``, ``all``, the top ``N`` groups, or from a named block up."""
+    if unfreeze in (None, "none", 0, "0"):
+        return []
+    if unfreeze == "all":
+        return list(groups)
+    if isinstance(unfreeze, int) or str(unfreeze).isdigit():
+        count = int(unfreeze)
+        if count > len(groups):
+            raise ValueError(f"finetune.unfreeze={count} but the backbone has only {len(groups)} blocks")
+        return groups[len(groups) - count :]
+    names = [g.name for g in groups]
+    if unfreeze not in names:
+        raise ValueError(f"finetune.unfreeze={unfreeze!r} is not a block of this backbone; blocks are {names}")
+    return groups[names.index(str(unfreeze)) :]
+
+
+class TwoStageFinetuning(Callback):
+    """Stage 1 trains the head on a frozen backbone; stage 2 also trains the selected top blocks.
+
+    Stage 1 ends after ``stage1_epochs`` epochs, or, with ``patience`` set, earlier when ``monitor``
+    has not improved for ``patience`` epochs. ``unfreeze='none'`` keeps the backbone frozen throughout.
+    The learning rate of the backbone is ``lr * lr_factor`` (set on the module's backbone group).
+    """
+
+    def __init__(
+        self,
+        stage1_epochs: int | None = 5,
+        unfreeze: str | int | None = "none",
+        train_bn: bool = False,
+        patience: int | None = None,
+        monitor: str = "val/loss",
+        lr_factor: float = 0.1,
+    ):
+        super().__init__()
+        if stage1_epochs is None and patience is None and unfreeze not in (None, "none"):
+            raise ValueError("set finetune.stage1_epochs or finetune.patience to say when stage 2 starts")
+        self.stage1_epochs = stage1_epochs
+        self.unfreeze = unfreeze
+        self.train_bn = train_bn
+        self.patience = patience
+        self.monitor = monitor
+        self.lr_factor = lr_factor
+        self.switch_epoch: int | None = None if unfreeze in (None, "none", 0, "0") else stage1_epochs
+        self._best: float | None = None
+        self._bad_epochs = 0
+        self._applied_stage: int | None = None
+        self.unfrozen_groups: list[str] = []
+        self._stage2_params: set[str] = set()
+        self._norm_modules: list[tuple[str, nn.Module]] = []
+        self._norm_params: set[str] = set()
+
+    # ---- which stage ------------------------------------------------------------------------
+    def stage_at(self, epoch: int) -> int:
+        return 2 if self.switch_epoch is not None and epoch >= self.switch_epoch else 1
+
+    @property
+    def unfreezes(self) -> bool:
+        return bool(self._stage2_params) or self.unfreeze not in (None, "none", 0, "0")
+
+    # ---- setup ------------------------------------------------------------------------------
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        backbone = pl_module.net.backbone
+        selected = select_groups(pl_module.net.block_groups(), self.unfreeze)
+        self.unfrozen_groups = [g.name for g in selected]
+        self._stage2_params = {name for g in selected for name in g.parameter_names}
+        self._norm_modules = [(n, m) for n, m in backbone.named_modules() if isinstance(m, NORM_TYPES)]
+        self._norm_params = {
+            f"{n}.{p}" if n else p for n, m in self._norm_modules for p, _ in m.named_parameters(recurse=False)
+        }
+        self.apply(pl_module, self.stage_at(trainer.current_epoch))
+
+    def apply(self, pl_module: L.LightningModule, stage: int) -> None:
+        """Set ``requires_grad`` and norm-layer modes of the backbone for ``stage``."""
+        backbone = pl_module.net.backbone
+        for name, parameter in backbone.named_parameters():
+            parameter.requires_grad_(self._trains(name, stage))
+        for name, module in self._norm_modules:
+            params = [f"{name}.{p}" if name else p for p, _ in module.named_parameters(recurse=False)]
+            trains = bool(params) and all(self._trains(p, stage) for p in params)
+            if not trains:
+                module.eval()
+            elif pl_module.training:
+                module.train()
+        if stage != self._applied_stage:
+            self._applied_stage = stage
+            self._report(pl_module, stage)
+
+    def _trains(self, name: str, stage: int) -> bool:
+        if stage == 1 or name not in self._stage2_params:
+            return False
+        return self.train_bn or name not in self._norm_params
+
+    def _report(self, pl_module: L.LightningModule, stage: int) -> None:
+        net = pl_module.net
+        backbone_total = sum(p.numel() for p in net.backbone.parameters())
+        backbone_trainable = sum(p.numel() for p in net.backbone.parameters() if p.requires_grad)
+        head_total = sum(p.numel() for p in net.head.parameters())
+        frozen_norms = sum(1 for _, m in self._norm_modules if not m.training)
+        what = "backbone frozen" if stage == 1 else f"unfrozen: {', '.join(self.unfrozen_groups)}"
+        table = (
+            f"\nfine-tuning stage {stage} ({what}; BatchNorm {'trains' if self.train_bn else 'frozen'})\n"
+            f"  {'part':<10}{'trainable':>12}{'frozen':>12}\n"
+            f"  {'backbone':<10}{backbone_trainable:>12,}{backbone_total - backbone_trainable:>12,}\n"
+            f"  {'head':<10}{head_total:>12,}{0:>12,}\n"
+            f"  frozen norm layers in eval mode: {frozen_norms}/{len(self._norm_modules)}"
+        )
+        log.info(table)
+        print(table, flush=True)
+        if pl_module._trainer is not None and pl_module.trainer.logger is not None:
+            pl_module.trainer.logger.log_metrics(
+                {
+                    "finetune/stage": stage,
+                    "finetune/trainable_params": backbone_trainable + head_total,
+                    "finetune/frozen_params": backbone_total - backbone_trainable,
+                },
+                step=pl_module.trainer.global_step,
+            )
+
+    # ---- hooks ------------------------------------------------------------------------------
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.apply(pl_module, self.stage_at(trainer.current_epoch))  # after a checkpoint restore
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        stage = self.stage_at(trainer.current_epoch)
+        switching = stage != self._applied_stage
+        self.apply(pl_module, stage)
+        if switching and trainer.world_size > 1:
+            rewrap_ddp(trainer)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """With ``patience``, end stage 1 once ``monitor`` stops improving."""
+        if trainer.sanity_checking or self.patience is None or self.stage_at(trainer.current_epoch) == 2:
+            return
+        if self.unfreeze in (None, "none", 0, "0"):
+            return
+        value = trainer.callback_metrics.get(self.monitor)
+        if value is None:
+            return
+        value = float(value)
+        if self._best is None or value < self._best:
+            self._best, self._bad_epochs = value, 0
+        else:
+            self._bad_epochs += 1
+        limit = self.stage1_epochs if self.stage1_epochs is not None else float("inf")
+        if self._bad_epochs >= self.patience or trainer.current_epoch + 1 >= limit:
+            self.switch_epoch = trainer.current_epoch + 1
+            log.info("stage 1 ends after epoch %d (%s stopped improving)", trainer.current_epoch, self.monitor)
+        else:
+            self.switch_epoch = None
+
+    # ---- checkpoint -------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"switch_epoch": self.switch_epoch, "best": self._best, "bad_epochs": self._bad_epochs}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.switch_epoch = state_dict.get("switch_epoch", self.switch_epoch)
+        self._best = state_dict.get("best")
+        self._bad_epochs = state_dict.get("bad_epochs", 0)
+
+
+def rewrap_ddp(trainer: L.Trainer) -> None:
+    """Wrap the module in a new DistributedDataParallel so it registers the newly trainable parameters."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    strategy = trainer.strategy
+    if isinstance(strategy.model, DistributedDataParallel) and hasattr(strategy, "_setup_model"):
+        strategy.model = strategy._setup_model(strategy.model.module)
+        log.info("re-wrapped the model in DDP after unfreezing")

@@ -1,0 +1,203 @@
+"""The LightningDataModule: class-per-folder trees or the Food-101 archive, with splits, transforms and loaders."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from foodvision.data.datasets import ImageListDataset, collate_skipping_none, read_bad_images_log
+from foodvision.data.sources import DatasetSplits, DataLayoutError, discover_food101, discover_image_folder
+from foodvision.data.splits import SPLITS, write_split_file
+from foodvision.data.transforms import Preprocessing, build_train_transform
+
+log = logging.getLogger(__name__)
+
+
+def default_num_workers() -> int:
+    """Half the cores, at least one: on small machines decoding workers compete with the model's threads."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, cores // 2))
+
+
+def download_food101(root: str | Path) -> Path:
+    """Fetch Food-101 through torchvision (5 GB); fails fast with a clear message when offline."""
+    import socket
+
+    from torchvision.datasets import Food101
+
+    try:
+        socket.create_connection(("data.vision.ee.ethz.ch", 443), timeout=5).close()
+    except OSError as error:
+        raise DataLayoutError(
+            f"data.download=true but the Food-101 server is unreachable ({error}). Download "
+            "food-101.tar.gz on a machine that is online and extract it to data/, or set data.root."
+        ) from error
+    parent = Path(root).expanduser().parent
+    Food101(str(parent), split="train", download=True)
+    return parent / "food-101"
+
+
+class FoodDataModule(L.LightningDataModule):
+    """Discovers classes and splits (cheap: lists files) in :meth:`discover`, builds datasets in :meth:`setup`.
+
+    ``preprocessing`` must be set (from the model) before ``setup``; it is what makes the eval
+    transform of the data match the model's pretrained statistics.
+    """
+
+    def __init__(
+        self,
+        source: str = "food101",
+        root: str | None = None,
+        fractions: Sequence[float] = (0.7, 0.15, 0.15),
+        val_fraction: float = 0.1,
+        classes: Sequence[str] | None = None,
+        max_per_class: Mapping[str, int | None] | None = None,
+        seed: int = 42,
+        image_size: int | None = 224,
+        batch_size: int = 64,
+        eval_batch_size: int | None = None,
+        num_workers: int | None = None,
+        persistent_workers: bool = True,
+        pin_memory: bool | None = None,
+        skip_bad_images: bool = False,
+        download: bool = False,
+        augment: Mapping[str, Any] | None = None,
+        output_dir: str | None = None,
+    ):
+        super().__init__()
+        if source not in ("food101", "imagefolder"):
+            raise ValueError(f"data.source must be 'food101' or 'imagefolder', got {source!r}")
+        self.source = source
+        self.root = root
+        self.fractions = tuple(fractions)
+        self.val_fraction = val_fraction
+        self.classes_subset = list(classes) if classes else None
+        self.max_per_class = dict(max_per_class or {})
+        self.seed = seed
+        self.image_size = image_size
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or 2 * batch_size
+        self.num_workers = default_num_workers() if num_workers is None else num_workers
+        self.persistent_workers = persistent_workers
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.skip_bad_images = skip_bad_images
+        self.download = download
+        self.augment = dict(augment or {"name": "none"})
+        self.output_dir = Path(output_dir) if output_dir else None
+        self.preprocessing: Preprocessing | None = None
+        self.data: DatasetSplits | None = None
+        self.datasets: dict[str, Dataset] = {}
+        # Split name -> (features, labels): set by the feature-cache callback while the backbone is frozen.
+        self.cached_features: dict[str, TensorDataset] = {}
+
+    # ---- discovery -------------------------------------------------------------------------
+    def discover(self) -> DatasetSplits:
+        """List classes and split files; writes ``splits.csv`` to the run dir when splits were generated."""
+        if self.data is not None:
+            return self.data
+        if self.root is None:
+            raise DataLayoutError("data.root is not set")
+        root = Path(self.root).expanduser()
+        if self.source == "food101":
+            if self.download and not (root / "meta" / "classes.txt").is_file():
+                root = download_food101(root)
+            self.data = discover_food101(root, self.val_fraction, self.seed, self.classes_subset, self.max_per_class)
+        else:
+            self.data = discover_image_folder(root, self.fractions, self.seed)
+        log.info("data: %s; %d classes; %s", self.data.origin, len(self.data.classes), self.data.counts())
+        if self.output_dir is not None:
+            write_split_file(self.output_dir / "splits.csv", self.data.splits, self.data.classes)
+        return self.data
+
+    @property
+    def classes(self) -> list[str]:
+        return self.discover().classes
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def bad_images_log(self) -> Path | None:
+        return self.output_dir / "bad_images.tsv" if self.output_dir else None
+
+    def bad_images(self) -> list[str]:
+        return read_bad_images_log(self.bad_images_log) if self.bad_images_log else []
+
+    # ---- datasets --------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self.preprocessing is None:
+            raise RuntimeError("FoodDataModule.preprocessing must be set from the model before setup()")
+        data = self.discover()
+        pre = self.preprocessing
+        eval_transform = pre.eval_transform()
+        for split in SPLITS:
+            transform = build_train_transform(pre, self.augment) if split == "train" else eval_transform
+            self.datasets[split] = ImageListDataset(
+                data.splits[split],
+                transform,
+                draft_size=pre.resize_size,
+                skip_bad_images=self.skip_bad_images,
+                bad_images_log=self.bad_images_log,
+            )
+
+    def image_dataset(self, split: str, augmented: bool = False) -> ImageListDataset:
+        """A split's images with the eval transform (or the train transform when ``augmented``)."""
+        assert self.preprocessing is not None
+        transform = (
+            build_train_transform(self.preprocessing, self.augment) if augmented else self.preprocessing.eval_transform()
+        )
+        return ImageListDataset(
+            self.discover().splits[split],
+            transform,
+            draft_size=self.preprocessing.resize_size,
+            skip_bad_images=self.skip_bad_images,
+            bad_images_log=self.bad_images_log,
+        )
+
+    @property
+    def augmented(self) -> bool:
+        return self.augment.get("name", "none") != "none"
+
+    # ---- loaders ---------------------------------------------------------------------------
+    def loader(self, dataset: Dataset, shuffle: bool, batch_size: int | None = None) -> DataLoader:
+        if isinstance(dataset, TensorDataset):  # cached features: in memory, no workers needed
+            return DataLoader(dataset, batch_size=batch_size or self.batch_size, shuffle=shuffle)
+        workers = self.num_workers
+        return DataLoader(
+            dataset,
+            batch_size=batch_size or self.batch_size,
+            shuffle=shuffle,
+            num_workers=workers,
+            persistent_workers=self.persistent_workers and workers > 0,
+            pin_memory=self.pin_memory,
+            collate_fn=collate_skipping_none,
+            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
+        )
+
+    def _split_loader(self, split: str) -> DataLoader:
+        if split in self.cached_features:
+            dataset: Dataset = self.cached_features[split]
+        else:
+            dataset = self.datasets[split]
+        train = split == "train"
+        return self.loader(dataset, shuffle=train, batch_size=None if train else self.eval_batch_size)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._split_loader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self._split_loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self.loader(self.datasets["test"], shuffle=False, batch_size=self.eval_batch_size)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.test_dataloader()

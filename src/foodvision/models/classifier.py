@@ -1,0 +1,107 @@
+"""One classifier shape for every model: a backbone that pools an image to a vector, and a head."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+from foodvision.data.transforms import Preprocessing
+from foodvision.models.scratch import ScratchCNN
+
+log = logging.getLogger(__name__)
+
+
+def build_head(num_features: int, num_classes: int, hidden: int | Sequence[int] | None, dropout: float) -> nn.Sequential:
+    """[Linear(hidden)+ReLU]* -> Dropout -> Linear(num_classes); the reference used hidden 128, dropout 0.3."""
+    sizes = [] if hidden in (None, 0) else ([hidden] if isinstance(hidden, int) else list(hidden))
+    layers: list[nn.Module] = []
+    width = num_features
+    for size in sizes:
+        layers += [nn.Linear(width, size), nn.ReLU(inplace=True)]
+        width = size
+    layers += [nn.Dropout(dropout), nn.Linear(width, num_classes)]
+    return nn.Sequential(*layers)
+
+
+@dataclass(frozen=True)
+class BlockGroup:
+    """A whole block of the backbone (timm ``group_matcher``): the unit of freezing and unfreezing."""
+
+    name: str
+    parameter_names: tuple[str, ...]
+
+
+class ImageClassifier(nn.Module):
+    """``head(backbone(images))``. The backbone's pooled output is what the feature cache stores."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, num_features: int):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.num_features = num_features
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(images))
+
+    def block_groups(self) -> list[BlockGroup]:
+        """The backbone's blocks, bottom (stem) to top, as timm's coarse ``group_matcher`` cuts them.
+
+        Each group is named after its first parameter (``stem``, ``blocks.0`` ... ``blocks.6``);
+        models without a matcher form a single group ``backbone``.
+        """
+        matcher = getattr(self.backbone, "group_matcher", None)
+        names = [n for n, _ in self.backbone.named_parameters()]
+        if matcher is None:
+            return [BlockGroup("backbone", tuple(names))]
+        grouped = timm.models.group_parameters(self.backbone, matcher(coarse=True))
+        groups = []
+        for parameter_names in grouped.values():
+            first = parameter_names[0]
+            block = re.match(r"^(blocks|stages|layers)\.\d+", first)
+            label = block.group(0) if block else ("stem" if not groups else first.split(".")[0])
+            groups.append(BlockGroup(label, tuple(parameter_names)))
+        return groups
+
+
+def build_classifier(
+    num_classes: int,
+    kind: str = "timm",
+    name: str = "mobilenetv2_100",
+    pretrained: bool = True,
+    weights_file: str | None = None,
+    head: dict[str, Any] | None = None,
+    scratch: dict[str, Any] | None = None,
+    image_size: int | None = None,
+    drop_path_rate: float = 0.0,
+) -> tuple[ImageClassifier, Preprocessing, str]:
+    """Build a model from config; returns it with its preprocessing and where its weights came from."""
+    head = dict(head or {})
+    hidden, dropout = head.get("hidden"), float(head.get("dropout", 0.0))
+    if kind == "scratch":
+        size = int(image_size or 224)
+        backbone = ScratchCNN(image_size=size, **dict(scratch or {}))
+        model = ImageClassifier(backbone, build_head(backbone.num_features, num_classes, hidden, dropout), backbone.num_features)
+        return model, Preprocessing(image_size=size), "random init (scratch CNN)"
+    if kind != "timm":
+        raise ValueError(f"model.kind must be 'timm' or 'scratch', got {kind!r}")
+    kwargs = {"drop_path_rate": drop_path_rate} if drop_path_rate else {}
+    try:
+        backbone = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+    except RuntimeError as error:
+        raise ValueError(f"timm has no model {name!r} ({error}); see timm.list_models()") from error
+    source = "random init (model.pretrained=false)"
+    if pretrained:
+        from foodvision.models.weights import load_pretrained_weights
+
+        source = load_pretrained_weights(backbone, name, weights_file)
+    preprocessing = Preprocessing.from_timm(timm.data.resolve_model_data_config(backbone), image_size)
+    model = ImageClassifier(backbone, build_head(backbone.num_features, num_classes, hidden, dropout), backbone.num_features)
+    log.info("model %s: weights from %s", name, source)
+    return model, preprocessing, source

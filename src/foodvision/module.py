@@ -1,0 +1,197 @@
+"""The LightningModule shared by scratch CNNs and timm backbones: loss, optimizer, metrics, logging."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import lightning as L
+import torch
+import torchmetrics
+from torch import nn
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassConfusionMatrix,
+    MulticlassF1Score,
+    MulticlassPrecision,
+    MulticlassRecall,
+)
+
+from foodvision.data.transforms import Preprocessing
+from foodvision.models.classifier import build_classifier
+
+
+def summary_metrics(num_classes: int) -> torchmetrics.MetricCollection:
+    metrics: dict[str, torchmetrics.Metric] = {
+        "acc": MulticlassAccuracy(num_classes, average="micro"),
+        "precision_macro": MulticlassPrecision(num_classes, average="macro"),
+        "recall_macro": MulticlassRecall(num_classes, average="macro"),
+        "f1_macro": MulticlassF1Score(num_classes, average="macro"),
+    }
+    if num_classes >= 5:
+        metrics["acc_top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
+    return torchmetrics.MetricCollection(metrics)
+
+
+def per_class_metrics(num_classes: int) -> torchmetrics.MetricCollection:
+    return torchmetrics.MetricCollection(
+        {
+            "precision": MulticlassPrecision(num_classes, average=None),
+            "recall": MulticlassRecall(num_classes, average=None),
+            "f1": MulticlassF1Score(num_classes, average=None),
+            "confusion": MulticlassConfusionMatrix(num_classes),
+        }
+    )
+
+
+class LitClassifier(L.LightningModule):
+    """Everything a run needs to rebuild the model is a plain hyperparameter (no pickled modules), so a
+    checkpoint loads with ``torch.load(weights_only=True)`` and without the training config.
+
+    A 2-D input batch is taken as pooled backbone features (the feature cache) and only the head runs.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        class_names: Sequence[str],
+        model: dict[str, Any],
+        optimizer: dict[str, Any] | None = None,
+        scheduler: dict[str, Any] | None = None,
+        label_smoothing: float = 0.0,
+        backbone_lr_factor: float = 1.0,
+        channels_last: bool = True,
+        max_epochs: int | None = None,
+    ):
+        super().__init__()
+        if len(class_names) != num_classes:
+            raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
+        self.save_hyperparameters()
+        # ModuleDict keys get a suffix: "train" would clash with nn.Module.train.
+        self.net, preprocessing, self.weights_source = build_classifier(num_classes, **model)
+        self.preprocessing: Preprocessing = preprocessing
+        self.class_names = list(class_names)
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        self.metrics = nn.ModuleDict({f"{s}_": summary_metrics(num_classes) for s in ("train", "val", "test")})
+        self.detailed = nn.ModuleDict({f"{s}_": per_class_metrics(num_classes) for s in ("val", "test")})
+        if channels_last:
+            self.net.to(memory_format=torch.channels_last)
+        self.last_results: dict[str, dict[str, Any]] = {}
+
+    # ---- forward -----------------------------------------------------------------------------
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        if inputs.ndim == 2:  # cached pooled features
+            return self.net.head(inputs)
+        if self.hparams.channels_last:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        return self.net(inputs)
+
+    def _step(self, batch: Any, stage: str) -> torch.Tensor | None:
+        if batch is None:  # every sample of the batch was an unreadable file (data.skip_bad_images)
+            return None
+        inputs, targets = batch
+        logits = self(inputs)
+        loss = self.criterion(logits, targets)
+        self.metrics[f"{stage}_"].update(logits.detach().float(), targets)
+        if f"{stage}_" in self.detailed:
+            self.detailed[f"{stage}_"].update(logits.detach().float(), targets)
+        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(targets))
+        return loss
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return self(inputs).float().softmax(dim=1)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """What inference needs without the training config: classes, preprocessing, architecture."""
+        checkpoint["foodvision"] = {
+            "class_names": self.class_names,
+            "preprocessing": self.preprocessing.to_dict(),
+            "model": dict(self.hparams.model),
+            "weights_source": self.weights_source,
+        }
+
+    # ---- epoch ends: summary scalars, per-class table and confusion matrix ---------------------
+    def _epoch_end(self, stage: str) -> None:
+        values = {f"{stage}/{k}": v for k, v in self.metrics[f"{stage}_"].compute().items()}
+        self.log_dict(values, prog_bar=stage != "train")
+        self.metrics[f"{stage}_"].reset()
+        result: dict[str, Any] = {k: float(v) for k, v in values.items()}
+        if f"{stage}_" in self.detailed:
+            detail = {k: v.cpu() for k, v in self.detailed[f"{stage}_"].compute().items()}
+            self.detailed[f"{stage}_"].reset()
+            result["per_class"] = {
+                name: {
+                    "precision": float(detail["precision"][i]),
+                    "recall": float(detail["recall"][i]),
+                    "f1": float(detail["f1"][i]),
+                    "support": int(detail["confusion"][i].sum()),
+                }
+                for i, name in enumerate(self.class_names)
+            }
+            result["confusion_matrix"] = detail["confusion"].tolist()
+            if not self.trainer.sanity_checking:
+                from foodvision.reporting import log_confusion_to_loggers
+
+                log_confusion_to_loggers(self, stage, detail["confusion"], result["per_class"])
+        self.last_results[stage] = result
+
+    def on_train_epoch_end(self) -> None:
+        self._epoch_end("train")
+
+    def on_validation_epoch_end(self) -> None:
+        self._epoch_end("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._epoch_end("test")
+
+    # ---- optimisation ----------------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        """Two parameter groups from the start: the head at ``lr`` and the backbone at
+        ``lr * backbone_lr_factor``. Frozen parameters have no gradient, so the optimizer skips them;
+        unfreezing later therefore needs no new group and the scheduler sees every group throughout.
+        """
+        cfg = dict(self.hparams.optimizer or {})
+        name = cfg.pop("name", "adamw").lower()
+        lr = float(cfg.pop("lr", 1e-3))
+        weight_decay = float(cfg.pop("weight_decay", 0.0))
+        groups = [
+            {"params": list(self.net.head.parameters()), "lr": lr, "name": "head"},
+            {"params": list(self.net.backbone.parameters()), "lr": lr * self.hparams.backbone_lr_factor, "name": "backbone"},
+        ]
+        groups = [g for g in groups if g["params"]]
+        if name == "adam":
+            optimizer = torch.optim.Adam(groups, lr=lr, weight_decay=weight_decay, **cfg)
+        elif name == "adamw":
+            optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, **cfg)
+        elif name == "sgd":
+            optimizer = torch.optim.SGD(groups, lr=lr, weight_decay=weight_decay, momentum=cfg.pop("momentum", 0.9), **cfg)
+        else:
+            raise ValueError(f"optimizer.name must be adam, adamw or sgd, got {name!r}")
+        scheduler = self._scheduler(optimizer)
+        return optimizer if scheduler is None else {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+    def _scheduler(self, optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
+        cfg = dict(self.hparams.scheduler or {})
+        name = cfg.get("name", "none")
+        if name in (None, "none"):
+            return None
+        if name == "cosine":
+            epochs = max(1, int(self.hparams.max_epochs or self.trainer.max_epochs or 1))
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs, eta_min=cfg.get("min_lr", 0.0))
+            return {"scheduler": sched, "interval": "epoch"}
+        if name == "plateau":
+            sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                optimizer, mode="min", factor=cfg.get("factor", 0.5), patience=cfg.get("patience", 2)
+            )
+            return {"scheduler": sched, "monitor": "val/loss", "interval": "epoch"}
+        raise ValueError(f"scheduler.name must be none, cosine or plateau, got {name!r}")

@@ -1,0 +1,171 @@
+"""`python train.py ...`: seed, build data/model/callbacks/loggers/trainer from config, fit, test, report."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from foodvision.callbacks.feature_cache import FeatureCache
+from foodvision.callbacks.finetune import TwoStageFinetuning
+from foodvision.data.datamodule import FoodDataModule
+from foodvision.data.sources import default_food101_root
+from foodvision.module import LitClassifier
+
+log = logging.getLogger(__name__)
+# Expected here: the frozen backbone's norm layers are in eval mode on purpose.
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
+warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+
+
+def resolve_precision(precision: Any, accelerator: str) -> Any:
+    """``auto``: bf16-mixed where it is fast (GPUs with bf16, CPUs with native bf16 kernels), else a safe default."""
+    if precision != "auto":
+        return precision
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+        return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "16-mixed"
+    return "bf16-mixed" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "32-true"
+
+
+def resolve_data_root(cfg: DictConfig) -> None:
+    """Food-101 at data.root, else $FOOD101_ROOT, data/food-101, ../shared/data/food101-mini/food-101."""
+    if cfg.data.source != "food101" or cfg.data.root is not None or cfg.data.get("download"):
+        return
+    root = Path(cfg.paths.root_dir)
+    candidates = [os.environ.get("FOOD101_ROOT", ""), root / "data" / "food-101", root / "../shared/data/food101-mini/food-101"]
+    cfg.data.root = str(default_food101_root(candidates).resolve())
+
+
+def resolve_checkpoint(ckpt_path: str | None, log_dir: str) -> str | None:
+    """``last``: the newest ``last.ckpt`` of any run under ``log_dir``; a path must exist."""
+    if not ckpt_path:
+        return None
+    if ckpt_path == "last":
+        found = sorted(Path(log_dir).glob("**/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+        if not found:
+            raise FileNotFoundError(f"ckpt_path=last but there is no last.ckpt under {log_dir}")
+        return str(found[-1])
+    if not Path(ckpt_path).is_file():
+        raise FileNotFoundError(f"checkpoint {ckpt_path} does not exist")
+    return ckpt_path
+
+
+def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
+    callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c and "_target_" in c]
+    if cfg.finetune.enabled:
+        ft = cfg.finetune
+        callbacks.append(
+            TwoStageFinetuning(ft.stage1_epochs, ft.unfreeze, ft.train_bn, ft.patience, lr_factor=ft.lr_factor)
+        )
+        callbacks.append(FeatureCache(cfg.feature_cache.enabled, cfg.feature_cache.cache_dir))
+    return callbacks
+
+
+def build_module(cfg: DictConfig, datamodule: FoodDataModule) -> LitClassifier:
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    model_cfg["image_size"] = cfg.data.image_size
+    return LitClassifier(
+        num_classes=datamodule.num_classes,
+        class_names=datamodule.classes,
+        model=model_cfg,
+        optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
+        scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True),
+        label_smoothing=cfg.label_smoothing,
+        backbone_lr_factor=cfg.finetune.lr_factor if cfg.finetune.enabled else 1.0,
+        channels_last=cfg.channels_last,
+        max_epochs=cfg.trainer.max_epochs,
+    )
+
+
+def train(cfg: DictConfig) -> tuple[float | None, dict[str, Any]]:
+    """Fit and test; returns the optimised metric (for sweepers) and the final metrics."""
+    started = time.time()
+    resume = resolve_checkpoint(cfg.get("ckpt_path"), cfg.paths.log_dir)
+    with open_dict(cfg):
+        resolve_data_root(cfg)
+        if resume:  # keep writing into the interrupted run's dir
+            cfg.paths.output_dir = str(Path(resume).resolve().parent.parent)
+        cfg.trainer.precision = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator)
+    run_dir = Path(cfg.paths.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cfg.seed, workers=True)
+
+    datamodule: FoodDataModule = hydra.utils.instantiate(cfg.data, augment=OmegaConf.to_container(cfg.augment))
+    datamodule.discover()
+    module = build_module(cfg, datamodule)
+    datamodule.preprocessing = module.preprocessing
+    loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values() if c and "_target_" in c]
+    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=build_callbacks(cfg), logger=loggers or False)
+    OmegaConf.save(cfg, run_dir / "config.yaml")
+    for logger in loggers:
+        logger.log_hyperparams(_flat_hparams(cfg, datamodule, module))
+    log.info("classes (%d): %s", datamodule.num_classes, ", ".join(datamodule.classes))
+    if resume:
+        log.info("resuming from %s", resume)
+
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+    fit_seconds = time.time() - started
+
+    metrics: dict[str, Any] = {"train_seconds": round(fit_seconds, 1), "run_dir": str(run_dir)}
+    metrics.update({k: v for k, v in module.last_results.get("train", {}).items() if not isinstance(v, dict)})
+    metrics.update({k: v for k, v in module.last_results.get("val", {}).items() if not isinstance(v, (dict, list))})
+    if cfg.get("test"):
+        best = getattr(trainer.checkpoint_callback, "best_model_path", "") if trainer.checkpoint_callback else ""
+        trainer.test(module, datamodule=datamodule, ckpt_path=best or None, weights_only=False)
+        metrics.update(module.last_results.get("test", {}))
+        metrics["test/loss"] = float(trainer.callback_metrics.get("test/loss", float("nan")))
+        metrics["best_checkpoint"] = best
+    bad = datamodule.bad_images()
+    metrics["skipped_bad_images"] = len(bad)
+    metrics["wall_seconds"] = round(time.time() - started, 1)
+    if trainer.is_global_zero:
+        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        for logger in loggers:
+            logger.log_hyperparams(
+                _flat_hparams(cfg, datamodule, module),
+                {k: v for k, v in metrics.items() if isinstance(v, float) and "/" in k},
+            )
+        log.info("run dir: %s", run_dir)
+        summary = {k: round(v, 4) for k, v in metrics.items() if k.startswith("test/") and isinstance(v, float)}
+        print(f"\nrun dir: {run_dir}\ntest: {summary}\nwall time: {metrics['wall_seconds']} s", flush=True)
+    value = metrics.get(cfg.get("optimized_metric") or "")
+    return (float(value) if value is not None else None), metrics
+
+
+def _flat_hparams(cfg: DictConfig, datamodule: FoodDataModule, module: LitClassifier) -> dict[str, Any]:
+    flat = {
+        "model": cfg.model.get("name"),
+        "lr": cfg.optimizer.lr,
+        "optimizer": cfg.optimizer.name,
+        "epochs": cfg.trainer.max_epochs,
+        "augment": cfg.augment.name,
+        "unfreeze": str(cfg.finetune.unfreeze) if cfg.finetune.enabled else "all (no freezing)",
+        "image_size": cfg.data.image_size,
+        "batch_size": cfg.data.batch_size,
+        "num_classes": datamodule.num_classes,
+        "classes": ",".join(datamodule.classes),
+        "weights": module.weights_source,
+        "precision": str(cfg.trainer.precision),
+    }
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat.items()}
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    value, _ = train(cfg)
+    return value
+
+
+if __name__ == "__main__":
+    main()
