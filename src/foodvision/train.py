@@ -134,7 +134,7 @@ def train(cfg: DictConfig) -> tuple[float | None, dict[str, Any]]:
         for logger in loggers:
             logger.log_hyperparams(
                 _flat_hparams(cfg, datamodule, module),
-                {k: v for k, v in metrics.items() if isinstance(v, float) and "/" in k},
+                {f"hp/{k}": v for k, v in metrics.items() if isinstance(v, float) and "/" in k},
             )
         log.info("run dir: %s", run_dir)
         summary = {k: round(v, 4) for k, v in metrics.items() if k.startswith("test/") and isinstance(v, float)}

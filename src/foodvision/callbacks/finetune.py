@@ -138,7 +138,6 @@ class TwoStageFinetuning(Callback):
             f"  frozen norm layers in eval mode: {frozen_norms}/{len(self._norm_modules)}"
         )
         log.info(table)
-        print(table, flush=True)
         if pl_module._trainer is not None and pl_module.trainer.logger is not None:
             pl_module.trainer.logger.log_metrics(
                 {

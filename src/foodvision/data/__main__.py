@@ -81,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
         + " Existing split folders (and the official Food-101 test list) are kept as the same split; "
         "missing splits (validation for Food-101) are carved out of train.",
     )
+    prep.set_defaults(subparser=prep)
     prep.add_argument("src", metavar="SRC", help="source dataset folder (only read)")
     prep.add_argument("dst", metavar="DST", help="destination folder (must be empty unless --overwrite)")
     how = prep.add_mutually_exclusive_group()
@@ -140,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_catalogue(args.root, args.out, args.workers)
         else:
             if args.counts is None and abs(sum(args.fractions) - 1) > 1e-6:
-                parser.error(f"--fractions must sum to 1, got {' + '.join(map(str, args.fractions))}")
+                args.subparser.error(f"--fractions must sum to 1, got {' + '.join(map(str, args.fractions))}")
             options = PrepareOptions(
                 fractions=None if args.counts else args.fractions,
                 counts=args.counts,
@@ -154,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 workers=args.workers,
             )
             prepare(args.src, args.dst, options)
-    except (DataLayoutError, FileNotFoundError, NotADirectoryError, PermissionError) as error:
+    except (DataLayoutError, OSError) as error:  # missing paths, permissions, a full disk: no traceback
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -246,6 +246,10 @@ def summarise(root: str | Path, layout: str, rows: Sequence[CatalogueRow], max_l
 
 
 def run_catalogue(root: str | Path, out: str | Path = "catalogue.csv", workers: int | None = None) -> Path:
+    if Path(out).is_dir():
+        raise DataLayoutError(
+            f"--out {out} is a folder; give the CSV file to write, e.g. {Path(out) / 'catalogue.csv'}"
+        )
     layout, rows = build_catalogue(root, workers or default_workers())
     path = write_catalogue(out, rows)
     print(summarise(root, layout, rows))

@@ -111,8 +111,8 @@ def find_pools(src: Path) -> tuple[str, list[Pool], list[str]]:
     if layout == FOOD101:
         _, lists = read_food101_lists(src)
         pools = [
-            Pool("official train", ("train", "val"), lists["train"]),
-            Pool("official test", ("test",), lists["test"]),
+            Pool("the official train list", ("train", "val"), lists["train"]),
+            Pool("the official test list", ("test",), lists["test"]),
         ]
     elif layout == SPLIT_TREE:
         folders = {s: find_split_folder(src, s) for s in SPLITS}
@@ -128,7 +128,7 @@ def find_pools(src: Path) -> tuple[str, list[Pool], list[str]]:
             for s in present
         ]
     else:
-        pools = [Pool("all files", SPLITS, images(class_folder_files(src)))]
+        pools = [Pool("", SPLITS, images(class_folder_files(src)))]
     if not any(fs for pool in pools for fs in pool.files.values()):
         raise DataLayoutError(f"{src} has no class folders with images ({layout})")
     return layout, pools, ignored
@@ -145,6 +145,9 @@ def choose_classes(
             f"the class map names classes that the source does not have: {', '.join(unknown)} "
             f"(source classes: {', '.join(source_classes)})"
         )
+    invalid = sorted(n for n in class_map.values() if not n or n in (".", "..") or "/" in n or "\\" in n)
+    if invalid:
+        raise DataLayoutError(f"the class map gives invalid folder names: {', '.join(map(repr, invalid))}")
     renamed = {c: class_map.get(c, c) for c in source_classes}
     if not classes:
         return renamed
@@ -159,7 +162,10 @@ def choose_classes(
 
 
 def split_pool(
-    files_by_class: Mapping[str, Sequence[str]], targets: Sequence[str], options: PrepareOptions
+    files_by_class: Mapping[str, Sequence[str]],
+    targets: Sequence[str],
+    options: PrepareOptions,
+    where: str = "",
 ) -> tuple[dict[str, dict[str, list[str]]], list[str]]:
     """Divide one pool per class among ``targets`` by fractions, or by counts (a seeded subset first)."""
     warnings: list[str] = []
@@ -169,8 +175,9 @@ def split_pool(
             wanted = [options.counts[SPLITS.index(t)] for t in targets]
             if len(files) < sum(wanted):
                 warnings.append(
-                    f"{class_name}: {len(files)} image(s) for {'+'.join(targets)}, fewer than the "
-                    f"{sum(wanted)} requested; divided in proportion to the counts"
+                    f"{class_name}: {len(files)} image(s){where} for {'+'.join(targets)}, fewer than the "
+                    f"{sum(wanted)} requested; "
+                    + ("all taken" if len(targets) == 1 else "divided in proportion to the counts")
                 )
             files = cap_per_class(files, sum(wanted), options.seed, class_name)
         else:
@@ -264,7 +271,7 @@ def _check_paths(src: Path, dst: Path, overwrite: bool) -> None:
 
 def prepare(src: str | Path, dst: str | Path, options: PrepareOptions) -> dict[str, Counter]:
     """Write the split tree; returns the number of images written per split and class."""
-    src, dst = Path(src).expanduser(), Path(dst).expanduser()
+    src, dst = Path(src).expanduser().absolute(), Path(dst).expanduser().absolute()
     _check_paths(src, dst, options.overwrite)
     layout, pools, ignored = find_pools(src)
     source_classes = sorted({c for pool in pools for c in pool.files})
@@ -291,8 +298,10 @@ def prepare(src: str | Path, dst: str | Path, options: PrepareOptions) -> dict[s
         for old, files in pool.files.items():
             if old in renamed:
                 merged.setdefault(renamed[old], []).extend(f for f in files if f not in bad)
-        divided, pool_warnings = split_pool(merged, pool.targets, options)
-        warnings += [f"{pool.name} {w}" for w in pool_warnings]
+        divided, pool_warnings = split_pool(
+            merged, pool.targets, options, f" in {pool.name}" if pool.name else ""
+        )
+        warnings += pool_warnings
         for split, by_class in divided.items():
             assignments += [Assignment(split, c, f, infos[f]) for c, fs in by_class.items() for f in fs]
     if not assignments:
@@ -337,9 +346,7 @@ def prepare(src: str | Path, dst: str | Path, options: PrepareOptions) -> dict[s
         writer = csv.writer(handle)
         writer.writerow(["split", "class", "source", "dest"])
         for a in written:
-            writer.writerow(
-                [a.split, a.class_name, str(Path(a.source).resolve()), a.dest.relative_to(dst).as_posix()]
-            )
+            writer.writerow([a.split, a.class_name, a.source, a.dest.relative_to(dst).as_posix()])
     (dst / "bad_files.txt").write_text("".join(f"{path}\t{error}\n" for path, error in sorted(bad.items())))
 
     counts = {s: Counter(a.class_name for a in written if a.split == s) for s in SPLITS}

@@ -1,0 +1,88 @@
+"""End-to-end training through the composed Hydra config, on generated and real photos."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from foodvision.train import train
+
+from .conftest import SHARED_MINI
+
+
+def test_fast_dev_run_scratch_cnn(compose_train, image_folder: Path) -> None:
+    cfg = compose_train("model=scratch_baseline", "debug=fdr", "data.image_size=32", root=image_folder)
+    _, metrics = train(cfg)
+    assert 0.0 <= metrics["test/acc"] <= 1.0
+
+
+def test_fast_dev_run_timm_backbone(compose_train, image_folder: Path) -> None:
+    cfg = compose_train("model=mobilenetv2_ft", "debug=fdr", root=image_folder)
+    _, metrics = train(cfg)
+    assert "test/f1_macro" in metrics
+
+
+def test_run_dir_has_checkpoint_events_config_and_metrics(compose_train, image_folder: Path, tmp_path: Path) -> None:
+    cfg = compose_train(
+        "model=scratch_baseline", "trainer.max_epochs=2", "optimizer.lr=3e-3", "model.scratch.widths=[8,16]",
+        root=image_folder,
+    )
+    value, metrics = train(cfg)
+    run = tmp_path / "run"
+    assert value == pytest.approx(metrics["val/acc"])
+    saved = json.loads((run / "metrics.json").read_text())
+    for key in ("test/acc", "test/loss", "test/f1_macro", "per_class", "confusion_matrix"):
+        assert key in saved
+    assert set(saved["per_class"]) == {"apple_pie", "baklava", "bibimbap"}
+    assert sum(map(sum, saved["confusion_matrix"])) == 12  # 4 test images x 3 classes
+    assert (run / "config.yaml").is_file()
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert checkpoint["foodvision"]["class_names"] == ["apple_pie", "baklava", "bibimbap"]
+    assert checkpoint["foodvision"]["preprocessing"]["image_size"] == 32
+
+    events = EventAccumulator(str(run), size_guidance={"images": 0, "scalars": 0}).Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/acc", "val/loss", "val/acc", "val/f1_macro", "test/acc"} <= scalars
+    assert any(tag.startswith("lr-") for tag in scalars)
+    assert len(events.Scalars("val/acc")) == 2  # one point per epoch
+    assert "val/confusion_matrix" in events.Tags()["images"]
+    assert "test/confusion_matrix" in events.Tags()["images"]
+
+
+def test_resume_continues_from_last_checkpoint(compose_train, image_folder: Path, tmp_path: Path) -> None:
+    common = ("model=scratch_baseline", "model.scratch.widths=[8]", "test=false")
+    train(compose_train(*common, "trainer.max_epochs=1", root=image_folder))
+    first = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert first["epoch"] == 0
+
+    # A new invocation (new run dir) with ckpt_path=last writes on in the interrupted run's dir.
+    cfg = compose_train(*common, "trainer.max_epochs=3", "ckpt_path=last", root=image_folder)
+    cfg.paths.output_dir = str(tmp_path / "elsewhere")
+    train(cfg)
+    resumed = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert resumed["epoch"] == 2
+    assert resumed["global_step"] == 3 * first["global_step"]
+    assert not (tmp_path / "elsewhere" / "checkpoints").exists()
+
+
+def test_missing_checkpoint_is_a_clear_error(compose_train, image_folder: Path) -> None:
+    cfg = compose_train("ckpt_path=/nope/last.ckpt", root=image_folder)
+    with pytest.raises(FileNotFoundError, match="/nope/last.ckpt"):
+        train(cfg)
+
+
+@pytest.mark.skipif(not SHARED_MINI.is_dir(), reason="needs ../shared/data/food101-mini")
+def test_real_photos_smoke(compose_train) -> None:
+    """A few batches of real Food-101 photos through the default recipe at a small size."""
+    cfg = compose_train(
+        f"data.root={SHARED_MINI}", "debug=limit", "data.image_size=64", "trainer.max_epochs=1",
+        "data.max_per_class.test=4",
+    )
+    _, metrics = train(cfg)
+    assert metrics["test/acc"] >= 0.0
+    assert len(metrics["per_class"]) == 10
