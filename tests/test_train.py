@@ -56,17 +56,18 @@ def test_run_dir_has_checkpoint_events_config_and_metrics(compose_train, image_f
 
 def test_resume_continues_from_last_checkpoint(compose_train, image_folder: Path, tmp_path: Path) -> None:
     common = ("model=scratch_baseline", "model.scratch.widths=[8]", "test=false")
-    train(compose_train(*common, "trainer.max_epochs=1", root=image_folder))
-    first = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    interrupted = tmp_path / "lightning_logs" / "runs" / "interrupted"
+    train(compose_train(*common, "trainer.max_epochs=1", f"paths.output_dir={interrupted}", root=image_folder))
+    first = torch.load(interrupted / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert first["epoch"] == 0
 
     # A new invocation (new run dir) with ckpt_path=last writes on in the interrupted run's dir.
     cfg = compose_train(*common, "trainer.max_epochs=3", "ckpt_path=last", root=image_folder)
     cfg.paths.output_dir = str(tmp_path / "elsewhere")
     train(cfg)
-    resumed = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    assert resumed["epoch"] == 2
-    assert resumed["global_step"] == 3 * first["global_step"]
+    resumed = torch.load(interrupted / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert resumed["loops"]["fit_loop"]["epoch_progress"]["current"]["completed"] == 3
+    assert resumed["global_step"] == 3 * first["global_step"]  # two more epochs, not three
     assert not (tmp_path / "elsewhere" / "checkpoints").exists()
 
 

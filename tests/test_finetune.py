@@ -1,0 +1,208 @@
+"""Two-stage fine-tuning and the feature cache: what really moves, what really stays, and resuming."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+from foodvision.callbacks.feature_cache import FeatureCache, extract_features
+from foodvision.callbacks.finetune import TwoStageFinetuning, select_groups
+from foodvision.data.datamodule import FoodDataModule
+from foodvision.module import LitClassifier
+
+MODEL = {"kind": "timm", "name": "mobilenetv2_100", "pretrained": True, "head": {"hidden": 16, "dropout": 0.0}}
+UNFROZEN = ("blocks.5.", "blocks.6.", "conv_head.", "bn2.")  # timm groups conv_head/bn2 with blocks.6
+
+
+class Snapshots(Callback):
+    """Backbone and head state at the start of every epoch and at the end of fitting."""
+
+    def __init__(self) -> None:
+        self.at_epoch_start: dict[int, dict[str, torch.Tensor]] = {}
+        self.final: dict[str, torch.Tensor] = {}
+        self.requires_grad: dict[int, set[str]] = {}
+        self.norms_training: dict[int, int] = {}
+        self.group_lrs: dict[int, list[float]] = {}
+
+    def _state(self, module: LitClassifier) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in module.net.state_dict().items()}
+
+    def on_train_epoch_start(self, trainer: L.Trainer, module: LitClassifier) -> None:
+        epoch = trainer.current_epoch
+        self.at_epoch_start[epoch] = self._state(module)
+        self.requires_grad[epoch] = {n for n, p in module.net.backbone.named_parameters() if p.requires_grad}
+        self.norms_training[epoch] = sum(
+            m.training for m in module.net.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)
+        )
+        self.group_lrs[epoch] = [g["lr"] for g in trainer.optimizers[0].param_groups]
+
+    def on_train_end(self, trainer: L.Trainer, module: LitClassifier) -> None:
+        self.final = self._state(module)
+
+
+def make_datamodule(root: Path, out: Path, augment: str = "none", image_size: int = 32) -> FoodDataModule:
+    dm = FoodDataModule(
+        source="imagefolder", root=str(root), batch_size=8, eval_batch_size=16, num_workers=0,
+        image_size=image_size, augment={"name": augment}, output_dir=str(out),
+    )
+    dm.discover()
+    return dm
+
+
+def make_module(dm: FoodDataModule, lr: float = 1e-2) -> LitClassifier:
+    module = LitClassifier(
+        dm.num_classes, dm.classes, model={**MODEL, "image_size": dm.image_size},
+        optimizer={"name": "adamw", "lr": lr, "weight_decay": 1e-2}, scheduler={"name": "cosine"},
+        backbone_lr_factor=0.1, max_epochs=4,
+    )
+    dm.preprocessing = module.preprocessing
+    return module
+
+
+def fit(module, dm, out: Path, callbacks: list, epochs: int, ckpt_path: str | None = None) -> L.Trainer:
+    trainer = L.Trainer(
+        max_epochs=epochs, accelerator="cpu", precision="32-true", logger=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=str(out),
+        callbacks=[*callbacks, ModelCheckpoint(dirpath=str(out / "checkpoints"), save_last=True, save_top_k=0)],
+    )
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    return trainer
+
+
+def changed(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor], prefix: str = "") -> set[str]:
+    return {k[len(prefix):] for k in before if k.startswith(prefix) and not torch.equal(before[k], after[k])}
+
+
+def test_stage1_leaves_every_backbone_tensor_bit_identical(image_folder: Path, tmp_path: Path) -> None:
+    dm = make_datamodule(image_folder, tmp_path)
+    module = make_module(dm)
+    snaps = Snapshots()
+    fit(module, dm, tmp_path, [TwoStageFinetuning(stage1_epochs=5, unfreeze="blocks.5"), snaps], epochs=2)
+    before = snaps.at_epoch_start[0]
+    assert changed(before, snaps.final, "backbone.") == set()  # weights and BN running stats
+    assert changed(before, snaps.final, "head.")  # the head did learn
+    assert snaps.requires_grad[0] == set() and snaps.norms_training[0] == 0
+
+
+@pytest.mark.parametrize("train_bn", [False, True])
+def test_stage2_changes_exactly_the_selected_blocks(image_folder: Path, tmp_path: Path, train_bn: bool) -> None:
+    dm = make_datamodule(image_folder, tmp_path)
+    module = make_module(dm)
+    snaps = Snapshots()
+    callbacks = [TwoStageFinetuning(1, "blocks.5", train_bn=train_bn), FeatureCache(True, str(tmp_path / "cache")), snaps]
+    fit(module, dm, tmp_path, callbacks, epochs=2)
+    before = snaps.at_epoch_start[1]  # end of stage 1 == start of stage 2
+    moved = changed(before, snaps.final, "backbone.")
+    assert moved, "stage 2 trained nothing in the backbone"
+    assert all(name.startswith(UNFROZEN) for name in moved), sorted(moved)[:5]
+    running = {n for n in moved if "running_" in n or "num_batches" in n}
+    bn_affine = {n for n in moved if ".bn" in n and n.endswith((".weight", ".bias"))}
+    convs = {n for n in moved if "conv" in n}
+    assert convs >= {n[len("backbone."):] for n in before if n.startswith("backbone.blocks.5.") and "conv" in n}
+    if train_bn:
+        assert running and bn_affine
+        assert snaps.norms_training[1] > 0
+    else:
+        assert not running and not bn_affine
+        assert snaps.norms_training[1] == 0
+    # stage 1 ran on cached features, and the backbone really did not move during it
+    assert changed(snaps.at_epoch_start[0], before, "backbone.") == set()
+
+
+def test_resume_mid_stage2_keeps_trainable_set_modes_and_param_groups(image_folder: Path, tmp_path: Path) -> None:
+    dm = make_datamodule(image_folder, tmp_path)
+    straight = Snapshots()
+    fit(make_module(dm), dm, tmp_path / "a", [TwoStageFinetuning(1, "blocks.5"), straight], epochs=3)
+
+    interrupted = tmp_path / "b"
+    fit(make_module(dm), dm, interrupted, [TwoStageFinetuning(1, "blocks.5"), Snapshots()], epochs=2)
+    resumed = Snapshots()
+    last = str(interrupted / "checkpoints" / "last.ckpt")
+    fit(make_module(dm), dm, interrupted, [TwoStageFinetuning(1, "blocks.5"), resumed], epochs=3, ckpt_path=last)
+
+    assert list(resumed.requires_grad) == [2]  # continued at epoch 2, in stage 2 (not re-frozen: Lightning #21901)
+    assert resumed.requires_grad[2] == straight.requires_grad[2] != set()
+    assert all(n.startswith(UNFROZEN) for n in resumed.requires_grad[2])
+    assert resumed.norms_training[2] == 0
+    assert resumed.group_lrs[2] == pytest.approx(straight.group_lrs[2])
+    assert len(resumed.group_lrs[2]) == 2
+
+
+def test_resume_in_stage1_stays_in_stage1(image_folder: Path, tmp_path: Path) -> None:
+    dm = make_datamodule(image_folder, tmp_path)
+    fit(make_module(dm), dm, tmp_path, [TwoStageFinetuning(3, "blocks.5")], epochs=1)
+    resumed = Snapshots()
+    last = str(tmp_path / "checkpoints" / "last.ckpt")
+    fit(make_module(dm), dm, tmp_path, [TwoStageFinetuning(3, "blocks.5"), resumed], epochs=2, ckpt_path=last)
+    assert resumed.requires_grad[1] == set()
+
+
+def test_unfreeze_specs_select_whole_blocks(image_folder: Path, tmp_path: Path) -> None:
+    dm = make_datamodule(image_folder, tmp_path)
+    groups = make_module(dm).net.block_groups()
+    names = [g.name for g in groups]
+    assert names == ["stem"] + [f"blocks.{i}" for i in range(7)]
+    assert [g.name for g in select_groups(groups, "blocks.5")] == ["blocks.5", "blocks.6"]
+    assert [g.name for g in select_groups(groups, 2)] == ["blocks.5", "blocks.6"]
+    assert select_groups(groups, "all") == groups and select_groups(groups, "none") == []
+    with pytest.raises(ValueError, match="blocks are"):
+        select_groups(groups, "block_13_expand")
+
+
+# ---- feature cache ---------------------------------------------------------------------------------
+def _cache_run(root: Path, out: Path, cache: Path, image_size: int = 32, augment: str = "none", tweak=None):
+    dm = make_datamodule(root, out, augment=augment, image_size=image_size)
+    module = make_module(dm)
+    if tweak:
+        tweak(module)
+    feature_cache = FeatureCache("auto", str(cache))
+    fit(module, dm, out, [TwoStageFinetuning(5, "none"), feature_cache], epochs=1)
+    return feature_cache
+
+
+def test_cache_hit_on_second_run_and_rebuilt_when_key_changes(image_folder: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    first = _cache_run(image_folder, tmp_path / "1", cache)
+    assert len(first.builds) == 2 and not first.hits  # train and val
+    second = _cache_run(image_folder, tmp_path / "2", cache)
+    assert len(second.hits) == 2 and not second.builds
+    bigger = _cache_run(image_folder, tmp_path / "3", cache, image_size=40)
+    assert len(bigger.builds) == 2
+
+    def nudge(module: LitClassifier) -> None:
+        with torch.no_grad():
+            module.net.backbone.conv_stem.weight.add_(1e-3)
+
+    assert len(_cache_run(image_folder, tmp_path / "4", cache, tweak=nudge).builds) == 2
+    touched = next((image_folder / "train" / "baklava").iterdir())
+    os.utime(touched, ns=(touched.stat().st_atime_ns, touched.stat().st_mtime_ns + 10**9))
+    assert len(_cache_run(image_folder, tmp_path / "5", cache).builds) == 1  # only train changed
+
+
+def test_cache_not_used_with_augmentation(image_folder: Path, tmp_path: Path) -> None:
+    run = _cache_run(image_folder, tmp_path / "1", tmp_path / "cache", augment="seed")
+    assert not run.builds and not run.hits and not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_head_on_cached_features_equals_full_model(image_folder: Path, tmp_path: Path, bf16: bool) -> None:
+    dm = make_datamodule(image_folder, tmp_path)
+    module = make_module(dm).eval()
+    dm.setup("fit")
+    loader = dm.loader(dm.image_dataset("val"), shuffle=False, batch_size=64)
+
+    def context():
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+
+    features, labels = extract_features(module, loader, context, "test")
+    images, targets = next(iter(loader))
+    with torch.inference_mode(), context():
+        full = module(images).float()
+        from_cache = module(features).float()
+    assert torch.equal(labels, targets)
+    assert torch.allclose(full, from_cache, atol=1e-2 if bf16 else 1e-5), (full - from_cache).abs().max()
