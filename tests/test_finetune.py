@@ -190,7 +190,7 @@ def test_cache_not_used_with_augmentation(image_folder: Path, tmp_path: Path) ->
 
 
 @pytest.mark.parametrize("bf16", [False, True])
-def test_head_on_cached_features_equals_full_model(image_folder: Path, tmp_path: Path, bf16: bool) -> None:
+def test_logits_from_cached_outputs_equal_full_model(image_folder: Path, tmp_path: Path, bf16: bool) -> None:
     dm = make_datamodule(image_folder, tmp_path)
     module = make_module(dm).eval()
     dm.setup("fit")
@@ -199,10 +199,35 @@ def test_head_on_cached_features_equals_full_model(image_folder: Path, tmp_path:
     def context():
         return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
 
-    features, labels = extract_features(module, loader, context, "test")
+    pooled, labels, maps = extract_features(module, loader, context, "test", depth=5)
     images, targets = next(iter(loader))
     with torch.inference_mode(), context():
         full = module(images).float()
-        from_cache = module(features).float()
+        from_pooled = module(pooled).float()
+        module.prefix_depth = 5
+        from_maps = module(maps).float()
     assert torch.equal(labels, targets)
-    assert torch.allclose(full, from_cache, atol=1e-2 if bf16 else 1e-5), (full - from_cache).abs().max()
+    tolerance = 1e-2 if bf16 else 1e-5
+    assert torch.allclose(full, from_pooled, atol=tolerance), (full - from_pooled).abs().max()
+    assert torch.allclose(full, from_maps, atol=tolerance), (full - from_maps).abs().max()
+
+
+def test_stage2_trains_on_cached_prefix_maps_and_resume_hits_them(image_folder: Path, tmp_path: Path) -> None:
+    dm = make_datamodule(image_folder, tmp_path)
+    cache = FeatureCache("auto", str(tmp_path / "cache"))
+    fit(make_module(dm), dm, tmp_path / "a", [TwoStageFinetuning(1, "blocks.5"), cache], epochs=2)
+    built = sorted(Path(p).name.split("-")[1] for p in cache.builds)
+    assert built == ["pooled", "pooled", "prefix5", "prefix5"]  # one pass per split gives both
+
+    resumed_cache = FeatureCache("auto", str(tmp_path / "cache"))
+    last = str(tmp_path / "a" / "checkpoints" / "last.ckpt")
+    fit(make_module(dm), dm, tmp_path / "a", [TwoStageFinetuning(1, "blocks.5"), resumed_cache], epochs=3, ckpt_path=last)
+    assert not resumed_cache.builds  # the suffix moved, the prefix did not: same prefix key
+    assert sorted(Path(p).name.split("-")[1] for p in resumed_cache.hits) == ["prefix5", "prefix5"]
+
+
+def test_augmentation_keeps_stage2_on_images(image_folder: Path, tmp_path: Path) -> None:
+    dm = make_datamodule(image_folder, tmp_path, augment="seed")
+    cache = FeatureCache(True, str(tmp_path / "cache"))
+    fit(make_module(dm), dm, tmp_path, [TwoStageFinetuning(1, "blocks.5"), cache], epochs=1)
+    assert cache.depth is None and all("pooled" in p for p in cache.builds)

@@ -17,6 +17,7 @@ from torchmetrics.classification import (
     MulticlassRecall,
 )
 
+from foodvision.data.balance import resolve_class_weights
 from foodvision.data.transforms import Preprocessing
 from foodvision.models.classifier import build_classifier
 
@@ -48,7 +49,8 @@ class LitClassifier(L.LightningModule):
     """Everything a run needs to rebuild the model is a plain hyperparameter (no pickled modules), so a
     checkpoint loads with ``torch.load(weights_only=True)`` and without the training config.
 
-    A 2-D input batch is taken as pooled backbone features (the feature cache) and only the head runs.
+    A 2-D input batch is taken as pooled backbone features (the feature cache) and only the head runs; a
+    4-D batch that is not RGB, while ``prefix_depth`` is set, as cached feature maps of the frozen blocks.
     """
 
     def __init__(
@@ -62,6 +64,8 @@ class LitClassifier(L.LightningModule):
         backbone_lr_factor: float = 1.0,
         channels_last: bool = True,
         max_epochs: int | None = None,
+        class_weights: str | Sequence[float] | None = None,
+        class_counts: Sequence[int] | None = None,
     ):
         super().__init__()
         if len(class_names) != num_classes:
@@ -72,16 +76,25 @@ class LitClassifier(L.LightningModule):
         self.preprocessing: Preprocessing = preprocessing
         self.class_names = list(class_names)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        # class_weights (null, auto = inverse frequency of class_counts, or a list) weight the training loss
+        # only, as Keras' class_weight does: val/test losses stay comparable with unweighted runs.
+        weights = resolve_class_weights(class_weights, class_counts, num_classes)
+        loss_weights = None if weights is None else torch.tensor(weights, dtype=torch.float32)
+        self.register_buffer("loss_weights", loss_weights, persistent=False)
         self.metrics = nn.ModuleDict({f"{s}_": summary_metrics(num_classes) for s in ("train", "val", "test")})
         self.detailed = nn.ModuleDict({f"{s}_": per_class_metrics(num_classes) for s in ("val", "test")})
         if channels_last:
             self.net.to(memory_format=torch.channels_last)
         self.last_results: dict[str, dict[str, Any]] = {}
+        # Set by the feature cache while stage 2 trains on cached outputs of the first K blocks.
+        self.prefix_depth: int | None = None
 
     # ---- forward -----------------------------------------------------------------------------
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         if inputs.ndim == 2:  # cached pooled features
             return self.net.head(inputs)
+        if self.prefix_depth is not None and inputs.shape[1] != 3:  # cached frozen-prefix feature maps
+            return self.net.head(self.net.forward_suffix(inputs, self.prefix_depth))
         if self.hparams.channels_last:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
         return self.net(inputs)
@@ -91,7 +104,12 @@ class LitClassifier(L.LightningModule):
             return None
         inputs, targets = batch
         logits = self(inputs)
-        loss = self.criterion(logits, targets)
+        if stage == "train" and self.loss_weights is not None:
+            loss = nn.functional.cross_entropy(
+                logits, targets, weight=self.loss_weights, label_smoothing=self.hparams.label_smoothing
+            )
+        else:
+            loss = self.criterion(logits, targets)
         self.metrics[f"{stage}_"].update(logits.detach().float(), targets)
         if f"{stage}_" in self.detailed:
             self.detailed[f"{stage}_"].update(logits.detach().float(), targets)

@@ -20,6 +20,7 @@ from foodvision.callbacks.finetune import TwoStageFinetuning
 from foodvision.data.datamodule import FoodDataModule
 from foodvision.data.sources import default_food101_root
 from foodvision.module import LitClassifier
+from foodvision.sweep import run_trial
 
 log = logging.getLogger(__name__)
 # Expected here: the frozen backbone's norm layers are in eval mode on purpose.
@@ -75,6 +76,7 @@ def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
 def build_module(cfg: DictConfig, datamodule: FoodDataModule) -> LitClassifier:
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     model_cfg["image_size"] = cfg.data.image_size
+    class_weights = model_cfg.pop("class_weights", None)  # a loss setting, not part of the architecture
     return LitClassifier(
         num_classes=datamodule.num_classes,
         class_names=datamodule.classes,
@@ -85,6 +87,8 @@ def build_module(cfg: DictConfig, datamodule: FoodDataModule) -> LitClassifier:
         backbone_lr_factor=cfg.finetune.lr_factor if cfg.finetune.enabled else 1.0,
         channels_last=cfg.channels_last,
         max_epochs=cfg.trainer.max_epochs,
+        class_weights=class_weights,
+        class_counts=datamodule.class_counts("train") if class_weights is not None else None,
     )
 
 
@@ -163,8 +167,9 @@ def _flat_hparams(cfg: DictConfig, datamodule: FoodDataModule, module: LitClassi
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    value, _ = train(cfg)
-    return value
+    # In a multirun a failing trial is logged and written to <trial dir>/failed.json and the sweep goes on;
+    # a single run raises as usual.
+    return run_trial(train, cfg)
 
 
 if __name__ == "__main__":

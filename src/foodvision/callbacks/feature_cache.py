@@ -1,10 +1,12 @@
-"""Cached backbone features for the frozen stage: the backbone runs once per split, not once per epoch.
+"""Cached backbone outputs: the frozen part of the backbone runs once per split, not once per epoch.
 
 While the backbone is frozen and the training images are not augmented, every epoch would compute
 the same pooled features again. This callback computes them once (progress bar), stores them on disk
 under a key that covers everything they depend on, and hands them to the datamodule, so stage 1
-trains the head on in-memory tensors. When stage 2 begins it drops them and the loaders go back to
-images. A second run, and every trial of a sweep, finds the features on disk.
+trains the head on in-memory tensors. Stage 2 leaves the stem and lower blocks frozen, so their output
+(feature maps) is cached in the same pass and stage 2 trains only the unfrozen top on it; where that is
+not possible (augmentation on, a backbone that cannot be cut), stage 2 goes back to images. A second
+run, and every trial of a sweep, finds the features on disk.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,14 +32,22 @@ log = logging.getLogger(__name__)
 CACHE_FORMAT = 1
 
 
-def state_digest(module: torch.nn.Module) -> str:
-    """sha256 of a module's parameters and buffers (names, shapes, bytes)."""
+def state_digest(module: torch.nn.Module, keep: Callable[[str], bool] = lambda name: True) -> str:
+    """sha256 of a module's parameters and buffers (names, shapes, bytes), optionally of some names only."""
     digest = hashlib.sha256()
     for name, tensor in module.state_dict().items():
+        if not keep(name):
+            continue
         digest.update(name.encode())
         digest.update(str(tuple(tensor.shape)).encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def in_prefix(depth: int) -> Callable[[str], bool]:
+    """Parameter names of the stem and the first ``depth`` blocks (see ``ImageClassifier.forward_prefix``)."""
+    blocks = tuple(f"blocks.{i}." for i in range(depth))
+    return lambda name: name.startswith(("conv_stem.", "bn1.", *blocks))
 
 
 def image_list_digest(paths: list[str]) -> str:
@@ -49,12 +60,13 @@ def image_list_digest(paths: list[str]) -> str:
 
 
 def feature_cache_key(
-    model_name: str, weights_digest: str, preprocessing: dict[str, Any], paths: list[str], precision: str
+    model_name: str, weights_digest: str, preprocessing: dict[str, Any], paths: list[str], precision: str, output: str
 ) -> str:
     """Everything the cached features depend on; nothing else (batch size, lr, epochs...) is in it."""
     payload = {
         "format": CACHE_FORMAT,
         "model": model_name,
+        "output": output,
         "weights": weights_digest,
         "preprocessing": preprocessing,
         "precision": precision,
@@ -65,13 +77,18 @@ def feature_cache_key(
 
 @torch.inference_mode()
 def extract_features(
-    pl_module: L.LightningModule, loader: torch.utils.data.DataLoader, forward_context: Any, desc: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pooled backbone features and labels for every readable image of ``loader``, in order."""
-    backbone = pl_module.net.backbone
-    was_training = backbone.training
-    backbone.eval()
-    features, labels = [], []
+    pl_module: L.LightningModule,
+    loader: torch.utils.data.DataLoader,
+    forward_context: Any,
+    desc: str,
+    depth: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Pooled backbone features, labels and (with ``depth``) the frozen prefix's feature maps of every
+    readable image of ``loader``, in order, from one pass of the backbone in eval mode."""
+    net = pl_module.net
+    was_training = net.backbone.training
+    net.backbone.eval()
+    pooled, labels, maps = [], [], []
     try:
         for batch in tqdm(loader, desc=desc, unit="batch", dynamic_ncols=True):
             if batch is None:
@@ -81,92 +98,141 @@ def extract_features(
             if pl_module.hparams.get("channels_last", False):
                 images = images.contiguous(memory_format=torch.channels_last)
             with forward_context():
-                pooled = backbone(images)
-            features.append(pooled.float().cpu())
+                if depth is None:
+                    features = net.backbone(images)
+                else:
+                    prefix = net.forward_prefix(images, depth)
+                    features = net.forward_suffix(prefix, depth)
+                    maps.append(prefix.cpu().contiguous())
+            pooled.append(features.float().cpu())
             labels.append(targets.cpu())
     finally:
-        backbone.train(was_training)
-    return torch.cat(features), torch.cat(labels)
+        net.backbone.train(was_training)
+    return torch.cat(pooled), torch.cat(labels), (torch.cat(maps) if maps else None)
 
 
 class FeatureCache(Callback):
-    """Stage 1 on cached pooled features; see the module docstring.
+    """Frozen parts of the backbone run once per split, not once per epoch; see the module docstring.
 
-    ``enabled``: ``auto`` caches when the datamodule does no augmentation; ``true`` caches even then
-    (stage 1 trains on un-augmented features and augmentation applies from stage 2 on); ``false``
-    never caches.
+    Stage 1 trains the head on cached pooled features. When stage 2 unfreezes from block ``blocks.K`` of a
+    backbone that can be cut there and the training images are not augmented, the output of the frozen
+    stem and first K blocks is cached too (in the same pass), and stage 2 trains the top blocks and head
+    on those feature maps. ``enabled``: ``auto`` caches when the datamodule does no augmentation;
+    ``true`` caches stage 1 even then (augmentation applies from stage 2 on, on images); ``false`` never
+    caches. ``prefix=false`` keeps stage 2 on images.
     """
 
-    def __init__(self, enabled: str | bool = "auto", cache_dir: str = "data/cache/features"):
+    def __init__(self, enabled: str | bool = "auto", cache_dir: str = "data/cache/features", prefix: bool = True):
         super().__init__()
         self.enabled = enabled
         self.cache_dir = Path(cache_dir)
-        self.active = False
+        self.prefix = prefix
+        self.mode: str | None = None  # "pooled" or "prefix" while the datamodule serves cached tensors
+        self.depth: int | None = None
         self.hits: list[str] = []
         self.builds: list[str] = []
+        self._prefix_maps: dict[str, TensorDataset] = {}
 
     def _finetune(self, trainer: L.Trainer) -> TwoStageFinetuning | None:
         return next((c for c in trainer.callbacks if isinstance(c, TwoStageFinetuning)), None)
 
-    def _applies(self, trainer: L.Trainer) -> bool:
+    def _prefix_depth(self, trainer: L.Trainer, pl_module: L.LightningModule) -> int | None:
+        finetune = self._finetune(trainer)
+        if not self.prefix or finetune is None or not finetune.unfrozen_groups or trainer.datamodule.augmented:
+            return None
+        return pl_module.net.prefix_depth(finetune.unfrozen_groups[0])
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         finetune = self._finetune(trainer)
         datamodule = trainer.datamodule
         if self.enabled in (False, "false") or finetune is None or datamodule is None:
-            return False
-        if finetune.stage_at(trainer.current_epoch) != 1:
-            return False
-        if self.enabled == "auto" and datamodule.augmented:
-            log.info("feature cache off: training images are augmented (feature_cache.enabled=true forces it)")
-            return False
-        return True
-
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not self._applies(trainer):
             return
+        self.depth = self._prefix_depth(trainer, pl_module)
+        stage = finetune.stage_at(finetune.first_epoch(trainer))
+        if stage == 1:
+            if self.enabled == "auto" and datamodule.augmented:
+                log.info("feature cache off: training images are augmented (feature_cache.enabled=true forces it)")
+                return
+            for split in ("train", "val"):
+                datamodule.cached_features[split] = self.load_or_build(trainer, pl_module, split, "pooled")
+            self.mode = "pooled"
+        elif self.depth is not None:  # resumed in stage 2
+            self._use_prefix_maps(trainer, pl_module)
+
+    def _use_prefix_maps(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         datamodule = trainer.datamodule
         for split in ("train", "val"):
-            datamodule.cached_features[split] = self.load_or_build(trainer, pl_module, split)
-        self.active = True
+            datamodule.cached_features[split] = self._prefix_maps.pop(split, None) or self.load_or_build(
+                trainer, pl_module, split, f"prefix{self.depth}"
+            )
+        pl_module.prefix_depth = self.depth
+        self.mode = "prefix"
 
-    def load_or_build(self, trainer: L.Trainer, pl_module: L.LightningModule, split: str) -> TensorDataset:
+    def load_or_build(self, trainer: L.Trainer, pl_module: L.LightningModule, split: str, output: str) -> TensorDataset:
+        """``output`` is ``pooled`` or ``prefixK``; building the pooled features also stores the prefix maps
+        (same pass) when stage 2 will use them."""
         datamodule = trainer.datamodule
         paths = [path for path, _ in datamodule.discover().splits[split]]
-        key = feature_cache_key(
-            pl_module.hparams.model.get("name", "scratch"),
-            state_digest(pl_module.net.backbone),
-            pl_module.preprocessing.to_dict(),
-            paths,
-            str(trainer.precision),
-        )
-        path = self.cache_dir / f"{split}-{key}.pt"
-        if trainer.is_global_zero and not path.is_file():
-            loader = datamodule.loader(datamodule.image_dataset(split), shuffle=False, batch_size=datamodule.eval_batch_size)
-            features, labels = extract_features(
-                pl_module, loader, trainer.precision_plugin.forward_context, f"caching {split} features"
+        name = pl_module.hparams.model.get("name", "scratch")
+        pre, precision = pl_module.preprocessing.to_dict(), str(trainer.precision)
+        backbone = pl_module.net.backbone
+        key = feature_cache_key(name, state_digest(backbone), pre, paths, precision, "pooled")
+        pooled_path = self.cache_dir / f"{split}-pooled-{key}.pt"
+        prefix_path = None
+        if self.depth is not None:
+            prefix_key = feature_cache_key(
+                name, state_digest(backbone, in_prefix(self.depth)), pre, paths, precision, f"prefix{self.depth}"
             )
-            path.parent.mkdir(parents=True, exist_ok=True)
-            temporary = path.with_suffix(".tmp")
-            torch.save({"features": features, "labels": labels}, temporary)
-            temporary.replace(path)  # atomic: an interrupted build never leaves a half-written cache
-            self.builds.append(str(path))
-            log.info("cached %d %s features in %s", len(labels), split, path)
+            prefix_path = self.cache_dir / f"{split}-prefix{self.depth}-{prefix_key}.pt"
+        wanted = pooled_path if output == "pooled" else prefix_path
+        assert wanted is not None
+        if trainer.is_global_zero and not wanted.is_file():
+            loader = datamodule.loader(datamodule.image_dataset(split), shuffle=False, batch_size=datamodule.eval_batch_size)
+            context = trainer.precision_plugin.forward_context
+            features, labels, maps = extract_features(pl_module, loader, context, f"caching {split} features", self.depth)
+            if output == "pooled":
+                self._save(pooled_path, {"features": features, "labels": labels})
+            if maps is not None and prefix_path is not None:
+                self._save(prefix_path, {"features": maps, "labels": labels})
         else:
-            self.hits.append(str(path))
-            log.info("feature cache hit: %s", path)
+            self.hits.append(str(wanted))
+            log.info("feature cache hit: %s", wanted)
         trainer.strategy.barrier("feature-cache")
-        stored = torch.load(path, map_location="cpu", weights_only=True)
+        if output == "pooled" and prefix_path is not None and prefix_path.is_file():
+            stored = torch.load(prefix_path, map_location="cpu", weights_only=True)
+            self._prefix_maps[split] = TensorDataset(stored["features"], stored["labels"])
+        stored = torch.load(wanted, map_location="cpu", weights_only=True)
         return TensorDataset(stored["features"], stored["labels"])
 
+    def _save(self, path: Path, tensors: dict[str, torch.Tensor]) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_suffix(".tmp")
+        torch.save(tensors, temporary)
+        temporary.replace(path)  # atomic: an interrupted build never leaves a half-written cache
+        self.builds.append(str(path))
+        log.info("cached %d feature rows in %s", len(tensors["labels"]), path)
+
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Back to images when the next epoch is stage 2 (decided by the finetune callback at validation end)."""
+        """At the stage switch (decided by the finetune callback at validation end): prefix maps or images."""
         finetune = self._finetune(trainer)
-        if not self.active or finetune is None or finetune.stage_at(trainer.current_epoch + 1) == 1:
+        if self.mode != "pooled" or finetune is None or finetune.stage_at(trainer.current_epoch + 1) == 1:
             return
         trainer.datamodule.cached_features.clear()
-        self.active = False
+        self.mode = None
+        if self.depth is not None:
+            self._use_prefix_maps(trainer, pl_module)
+            log.info("stage 2 next: training continues on cached blocks.0-%d feature maps", self.depth - 1)
+        else:
+            log.info("stage 2 next: training continues on images")
         request_dataloader_reload(trainer)
-        log.info("stage 2 next: training continues on images")
 
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Testing and prediction run on images again."""
+        if trainer.datamodule is not None:
+            trainer.datamodule.cached_features.clear()
+        pl_module.prefix_depth = None
+        self._prefix_maps.clear()
+        self.mode = None
 
 def request_dataloader_reload(trainer: L.Trainer) -> None:
     """Make the fit loop rebuild its train and val loaders before the next epoch.

@@ -77,6 +77,7 @@ class TwoStageFinetuning(Callback):
         self._best: float | None = None
         self._bad_epochs = 0
         self._applied_stage: int | None = None
+        self.resume_epoch: int | None = None
         self.unfrozen_groups: list[str] = []
         self._stage2_params: set[str] = set()
         self._norm_modules: list[tuple[str, nn.Module]] = []
@@ -150,7 +151,7 @@ class TwoStageFinetuning(Callback):
 
     # ---- hooks ------------------------------------------------------------------------------
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.apply(pl_module, self.stage_at(trainer.current_epoch))  # after a checkpoint restore
+        self.apply(pl_module, self.stage_at(self.first_epoch(trainer)))
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         stage = self.stage_at(trainer.current_epoch)
@@ -181,6 +182,15 @@ class TwoStageFinetuning(Callback):
             self.switch_epoch = None
 
     # ---- checkpoint -------------------------------------------------------------------------
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Remember which epoch the run resumes at: ``on_fit_start`` comes before Lightning restores the loops."""
+        progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {})
+        self.resume_epoch = int(progress.get("processed", checkpoint.get("epoch", 0)))
+
+    def first_epoch(self, trainer: L.Trainer) -> int:
+        """The epoch a fit starts (or resumes) at."""
+        return max(trainer.current_epoch, self.resume_epoch or 0)
+
     def state_dict(self) -> dict[str, Any]:
         return {"switch_epoch": self.switch_epoch, "best": self._best, "bad_epochs": self._bad_epochs}
 

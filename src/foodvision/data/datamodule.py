@@ -12,6 +12,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from foodvision.data.balance import balance_samples, check_balance_mode, class_counts
 from foodvision.data.datasets import ImageListDataset, collate_skipping_none, read_bad_images_log
 from foodvision.data.sources import DatasetSplits, DataLayoutError, discover_food101, discover_image_folder
 from foodvision.data.splits import SPLITS, write_split_file
@@ -68,6 +69,7 @@ class FoodDataModule(L.LightningDataModule):
         pin_memory: bool | None = None,
         skip_bad_images: bool = False,
         download: bool = False,
+        balance: str | None = "none",
         augment: Mapping[str, Any] | None = None,
         output_dir: str | None = None,
     ):
@@ -89,6 +91,7 @@ class FoodDataModule(L.LightningDataModule):
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.skip_bad_images = skip_bad_images
         self.download = download
+        self.balance = check_balance_mode(balance)
         self.augment = dict(augment or {"name": "none"})
         self.output_dir = Path(output_dir) if output_dir else None
         self.preprocessing: Preprocessing | None = None
@@ -114,6 +117,11 @@ class FoodDataModule(L.LightningDataModule):
         log.info("data: %s; %d classes; %s", self.data.origin, len(self.data.classes), self.data.counts())
         if self.output_dir is not None:
             write_split_file(self.output_dir / "splits.csv", self.data.splits, self.data.classes)
+        if self.balance != "none":  # train only, after splits.csv (which records the split itself)
+            before = class_counts(self.data.splits["train"], len(self.data.classes))
+            self.data.splits["train"] = balance_samples(self.data.splits["train"], self.balance, self.seed)
+            after = class_counts(self.data.splits["train"], len(self.data.classes))
+            log.info("data.balance=%s: train class counts %s -> %s", self.balance, before, after)
         return self.data
 
     @property
@@ -123,6 +131,10 @@ class FoodDataModule(L.LightningDataModule):
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    def class_counts(self, split: str = "train") -> list[int]:
+        """Samples per class index in ``split`` (for train: after ``balance``)."""
+        return class_counts(self.discover().splits[split], self.num_classes)
 
     @property
     def bad_images_log(self) -> Path | None:

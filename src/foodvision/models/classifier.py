@@ -50,6 +50,29 @@ class ImageClassifier(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(images))
 
+    def prefix_depth(self, first_trainable_group: str) -> int | None:
+        """How many of ``backbone.blocks`` come before ``first_trainable_group`` (``blocks.K`` -> K), when the
+        backbone can be cut there (timm EfficientNet/MobileNet families); None otherwise."""
+        backbone = self.backbone
+        cuttable = all(hasattr(backbone, a) for a in ("conv_stem", "bn1", "blocks", "conv_head", "bn2", "global_pool"))
+        match = re.fullmatch(r"blocks\.(\d+)", first_trainable_group)
+        return int(match.group(1)) if cuttable and match and int(match.group(1)) > 0 else None
+
+    def forward_prefix(self, images: torch.Tensor, depth: int) -> torch.Tensor:
+        """Stem and the first ``depth`` blocks: the part a stage-2 run keeps frozen."""
+        backbone = self.backbone
+        x = backbone.bn1(backbone.conv_stem(images))
+        for block in backbone.blocks[:depth]:
+            x = block(x)
+        return x
+
+    def forward_suffix(self, maps: torch.Tensor, depth: int) -> torch.Tensor:
+        """The rest of the backbone (pooled output) from the ``forward_prefix`` feature maps."""
+        backbone = self.backbone
+        for block in backbone.blocks[depth:]:
+            maps = block(maps)
+        return backbone.global_pool(backbone.bn2(backbone.conv_head(maps)))
+
     def block_groups(self) -> list[BlockGroup]:
         """The backbone's blocks, bottom (stem) to top, as timm's coarse ``group_matcher`` cuts them.
 

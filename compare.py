@@ -1,0 +1,6 @@
+"""Compare training runs: `python compare.py runs=lightning_logs/runs` or `runs=[dir1,dir2]`."""
+
+from foodvision.compare import main
+
+if __name__ == "__main__":
+    main()

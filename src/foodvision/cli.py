@@ -1,0 +1,39 @@
+"""Shared plumbing of the tools (eval, predict, compare, export): config dir, clear error exits."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from foodvision.data.images import BadImageError
+from foodvision.data.sources import DataLayoutError
+from foodvision.inference import ToolError
+
+CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+EXPECTED_ERRORS = (ToolError, DataLayoutError, BadImageError)
+
+log = logging.getLogger("foodvision")
+
+
+def required(cfg: DictConfig, key: str, example: str) -> Any:
+    """``cfg[key]``, or a ToolError saying how to set it when it is missing (``???``) or empty."""
+    if OmegaConf.is_missing(cfg, key) or cfg.get(key) in (None, "", []):
+        raise ToolError(f"{key} is required, e.g. {example}")
+    return cfg[key]
+
+
+def run_tool(function: Callable[[DictConfig], Any], cfg: DictConfig, error_code: int = 1) -> None:
+    """Run a tool; known problems end in one ``error: ...`` line and ``error_code``; an int it returns is the
+    exit code."""
+    try:
+        code = function(cfg)
+    except EXPECTED_ERRORS as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        sys.exit(error_code)
+    if isinstance(code, int) and not isinstance(code, bool) and code:
+        sys.exit(code)

@@ -1,0 +1,439 @@
+"""`python compare.py runs=lightning_logs/runs` (or `runs=[dir1,dir2]`, or a multirun folder): a leaderboard.
+
+One row per run, sorted by test accuracy: recipe (model, lr, epochs, augmentation, unfrozen blocks),
+train/val/test accuracy, test loss and macro F1, parameters (total and trainable), checkpoint size,
+training time and the inference throughput measured now, on this machine. Runs that failed or are
+incomplete are listed with their status. Writes ``leaderboard.csv`` and ``leaderboard.md`` (with a
+recommendation).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from foodvision.cli import CONFIG_DIR, required, run_tool
+from foodvision.inference import (
+    ModelLoadError,
+    ToolError,
+    load_checkpoint_model,
+    measure_throughput,
+    resolve_precision,
+)
+
+log = logging.getLogger(__name__)
+
+FAILED_FILE = "failed.json"
+RUN_MARKERS = ("config.yaml", "metrics.json", "checkpoints", ".hydra", "train.log", FAILED_FILE)
+SKIP_DIRS = {"checkpoints", ".hydra", "export", "__pycache__"}
+
+COLUMNS = [
+    ("rank", "rank"),
+    ("run", "run"),
+    ("status", "status"),
+    ("model", "model"),
+    ("image_size", "px"),
+    ("lr", "lr"),
+    ("epochs", "epochs"),
+    ("augment", "augment"),
+    ("unfreeze", "unfreeze"),
+    ("train_acc", "train acc"),
+    ("val_acc", "val acc"),
+    ("test_acc", "test acc"),
+    ("test_loss", "test loss"),
+    ("test_f1_macro", "macro F1"),
+    ("params_total", "params"),
+    ("params_trainable", "trainable"),
+    ("checkpoint_mb", "ckpt MB"),
+    ("train_seconds", "train s"),
+    ("images_per_second", "img/s"),
+    ("checkpoint", "checkpoint"),
+    ("note", "note"),
+]
+
+
+# ---- finding runs ----------------------------------------------------------------------------------------
+def is_run_dir(path: Path) -> bool:
+    return any((path / marker).exists() for marker in RUN_MARKERS)
+
+
+def find_runs(paths: Sequence[str | Path]) -> list[Path]:
+    """Run dirs among ``paths``: a path that is a run, else every run below it (any depth: a multirun's
+    numbered trials, runs/ of lightning_logs/...). Sorted, no duplicates."""
+    found: list[Path] = []
+    for item in paths:
+        path = Path(item).expanduser()
+        if not path.is_dir():
+            raise ToolError(f"runs: {path} is not a folder")
+        if is_run_dir(path):
+            found.append(path)
+            continue
+        below = []
+        for dirpath, dirnames, _ in os.walk(path):
+            here = Path(dirpath)
+            if here != path and is_run_dir(here):
+                below.append(here)
+                dirnames[:] = []  # a run's own subfolders are not runs
+                continue
+            dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS and not d.startswith("eval-"))
+        if not below:
+            raise ToolError(
+                f"runs: no training runs in {path} (a run dir has config.yaml, metrics.json or checkpoints/)"
+            )
+        found += below
+    unique = {p.resolve(): p for p in found}
+    return [unique[k] for k in sorted(unique)]
+
+
+def pick_checkpoint(run_dir: Path, metrics: dict[str, Any]) -> Path | None:
+    """The checkpoint the run was tested with (metrics.json ``best_checkpoint``), else best-*, else last."""
+    best = metrics.get("best_checkpoint")
+    if best:
+        for candidate in (
+            Path(best),
+            run_dir / "checkpoints" / Path(best).name,
+        ):  # the run dir may have moved
+            if candidate.is_file():
+                return candidate
+    folder = run_dir / "checkpoints"
+    found = (
+        sorted(folder.glob("best*.ckpt"))
+        or sorted(folder.glob("last*.ckpt"))
+        or sorted(folder.glob("*.ckpt"))
+    )
+    return found[-1] if found else None
+
+
+# ---- one row -------------------------------------------------------------------------------------------
+def _recipe(config: Any) -> dict[str, Any]:
+    def get(key: str, default: Any = None) -> Any:
+        value = OmegaConf.select(config, key, default=default, throw_on_missing=False)
+        return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+
+    model = get("model.name", "?")
+    if get("model.kind") == "scratch" and get("model.scratch.widths"):
+        model = f"{model}{list(get('model.scratch.widths'))}"
+    finetune = bool(get("finetune.enabled", False))
+    return {
+        "model": model,
+        "image_size": get("data.image_size"),
+        "lr": get("optimizer.lr"),
+        "epochs": get("trainer.max_epochs"),
+        "augment": get("augment.name", "none"),
+        "unfreeze": str(get("finetune.unfreeze", "none")) if finetune else "all (no freezing)",
+        "_finetune": finetune,
+        "_unfreeze": get("finetune.unfreeze", "none"),
+        "_train_bn": bool(get("finetune.train_bn", False)),
+    }
+
+
+def count_parameters(model: Any, finetune: bool, unfreeze: Any, train_bn: bool) -> tuple[int, int]:
+    """Total parameters, and those the run's recipe trains: everything without fine-tuning, else the head
+    plus the unfrozen blocks (their norm layers only with ``train_bn``), as ``TwoStageFinetuning`` does."""
+    from torch import nn
+
+    from foodvision.callbacks.finetune import NORM_TYPES, select_groups
+
+    total = sum(p.numel() for p in model.parameters())
+    if not finetune:
+        return total, total
+    head = sum(p.numel() for p in model.head.parameters())
+    selected = {
+        name for group in select_groups(model.block_groups(), unfreeze) for name in group.parameter_names
+    }
+    norms: set[str] = set()
+    if not train_bn:
+        for module_name, module in model.backbone.named_modules():
+            if isinstance(module, NORM_TYPES):
+                norms |= {
+                    f"{module_name}.{p}" if module_name else p
+                    for p, _ in module.named_parameters(recurse=False)
+                }
+    assert isinstance(model.backbone, nn.Module)
+    backbone = sum(
+        p.numel() for n, p in model.backbone.named_parameters() if n in selected and n not in norms
+    )
+    return total, head + backbone
+
+
+def _read_json(path: Path, problems: list[str]) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        problems.append(f"unreadable {path.name} ({error})")
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def run_row(
+    run_dir: Path, throughput: bool = True, precision: str = "32", batch: int = 32, iterations: int = 3
+) -> dict:
+    """The leaderboard row of one run dir; never raises for a broken run (its ``status`` and ``note`` say)."""
+    run_dir = Path(run_dir)
+    row: dict[str, Any] = {"run": run_dir.name, "path": str(run_dir), "status": "ok", "note": ""}
+    problems: list[str] = []
+    failure = _read_json(run_dir / FAILED_FILE, problems)  # a multirun trial that raised (foodvision.sweep)
+    if failure:
+        problems.append(f"{failure.get('error_type', 'error')}: {failure.get('message', '')}".strip())
+    # train() saves the config it ran; a run that failed before that may still have Hydra's copy
+    config_file = next(
+        (f for f in (run_dir / "config.yaml", run_dir / ".hydra" / "config.yaml") if f.is_file()), None
+    )
+    config = OmegaConf.load(config_file) if config_file is not None else None
+    if config is None:
+        problems.append("no config.yaml")
+    recipe = _recipe(config) if config is not None else {}
+    row.update({k: v for k, v in recipe.items() if not k.startswith("_")})
+    metrics = _read_json(run_dir / "metrics.json", problems)
+    if not (run_dir / "metrics.json").is_file():
+        problems.append("no metrics.json (failed, interrupted or still running)")
+    for key, column in (
+        ("train/acc", "train_acc"),
+        ("val/acc", "val_acc"),
+        ("test/acc", "test_acc"),
+        ("test/loss", "test_loss"),
+        ("test/f1_macro", "test_f1_macro"),
+        ("train_seconds", "train_seconds"),
+    ):
+        value = metrics.get(key)
+        row[column] = float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+    checkpoint = pick_checkpoint(run_dir, metrics)
+    if checkpoint is None:
+        problems.append("no checkpoint")
+    else:
+        inside = checkpoint.resolve().is_relative_to(run_dir.resolve())
+        row["checkpoint"] = str(checkpoint.resolve().relative_to(run_dir.resolve()) if inside else checkpoint)
+        row["checkpoint_mb"] = checkpoint.stat().st_size / 1e6
+        try:
+            model, info, _ = load_checkpoint_model(checkpoint)
+        except ModelLoadError as error:
+            problems.append(str(error))
+        else:
+            if not recipe:
+                row["model"] = info.architecture
+            if row.get("image_size") is None:
+                row["image_size"] = info.preprocessing.image_size
+            row["params_total"], row["params_trainable"] = count_parameters(
+                model, recipe.get("_finetune", False), recipe.get("_unfreeze"), recipe.get("_train_bn", False)
+            )
+            if throughput:
+                row["images_per_second"] = measure_throughput(
+                    model, info.preprocessing.image_size, precision, batch, iterations
+                )
+    if row.get("test_acc") is None and not any("metrics" in p for p in problems):
+        problems.append("no test accuracy in metrics.json")
+    if problems:
+        # failed: it raised, or nothing usable is there; incomplete: interrupted, still running, or damaged
+        row["status"] = "incomplete" if not failure and (metrics or checkpoint is not None) else "failed"
+        row["note"] = "; ".join(problems)
+    return row
+
+
+def rank_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Completed runs by test accuracy (best first, ties: lower test loss, then name), then the rest."""
+
+    def key(row: dict[str, Any]) -> tuple:
+        acc = row.get("test_acc")
+        loss = row.get("test_loss")
+        return (acc is None, -(acc or 0.0), loss if loss is not None else math.inf, row["run"])
+
+    ranked = sorted(rows, key=key)
+    place = 0
+    for row in ranked:
+        if row.get("test_acc") is not None:
+            place += 1
+            row["rank"] = place
+        else:
+            row["rank"] = None
+    return ranked
+
+
+# ---- output --------------------------------------------------------------------------------------------
+def _cell(key: str, value: Any) -> str:
+    if value is None or value == "":
+        return "" if key in ("note", "checkpoint") else "-"
+    if key in ("train_acc", "val_acc", "test_acc", "test_f1_macro", "test_loss"):
+        return f"{value:.4f}"
+    if key in ("params_total", "params_trainable"):
+        return f"{value / 1e6:.2f}M" if value >= 1e5 else f"{value:,}"
+    if key == "checkpoint_mb":
+        return f"{value:.1f}"
+    if key in ("train_seconds", "images_per_second"):
+        return f"{value:.0f}" if value >= 10 else f"{value:.1f}"
+    if key == "lr":
+        return f"{value:g}"
+    return str(value)
+
+
+def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    keys = [key for key, _ in COLUMNS]
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(keys)
+        for row in rows:
+            values = []
+            for key in keys:
+                value = row.get(key)
+                values.append(
+                    "" if value is None else (f"{value:.6g}" if isinstance(value, float) else value)
+                )
+            writer.writerow(values)
+
+
+def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
+    columns = [(k, title) for k, title in COLUMNS if k != "checkpoint"]
+    lines = ["| " + " | ".join(title for _, title in columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = [_cell(key, row.get(key)).replace("|", "\\|") for key, _ in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _test_images(run_dir: Path) -> int | None:
+    try:
+        confusion = json.loads((run_dir / "metrics.json").read_text()).get("confusion_matrix")
+        return int(sum(map(sum, confusion))) if confusion else None
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _points(difference: float) -> str:
+    return f"{100 * difference:.1f} percentage points"
+
+
+def recommendation(rows: Sequence[dict[str, Any]]) -> str:
+    """One paragraph: the best run by test accuracy and what it costs against the alternatives."""
+    done = [r for r in rows if r.get("test_acc") is not None]
+    failed = len(rows) - len(done)
+    tail = f" {failed} run(s) failed or are incomplete and were not considered." if failed else ""
+    if not done:
+        return "No run has a test accuracy yet, so there is nothing to recommend." + tail
+    best = done[0]
+
+    def describe(row: dict[str, Any]) -> str:
+        parts = [f"test accuracy {row['test_acc']:.1%}"]
+        if row.get("test_f1_macro") is not None:
+            parts.append(f"macro F1 {row['test_f1_macro']:.3f}")
+        if row.get("params_total"):
+            parts.append(f"{_cell('params_total', row['params_total'])} parameters")
+        if row.get("checkpoint_mb"):
+            parts.append(f"a {row['checkpoint_mb']:.1f} MB checkpoint")
+        if row.get("train_seconds") is not None:
+            parts.append(f"{row['train_seconds']:.0f} s of training")
+        if row.get("images_per_second"):
+            parts.append(f"{row['images_per_second']:.0f} images/s here")
+        return ", ".join(parts)
+
+    text = [f"**Recommended: `{best['run']}`** ({best.get('model', '?')}): {describe(best)}."]
+    if len(done) == 1:
+        text.append("It is the only completed run, so there is no trade-off to weigh yet.")
+        return " ".join(text) + tail
+    second = done[1]
+    gap = best["test_acc"] - second["test_acc"]
+    n = _test_images(Path(best["path"]))
+    if n:
+        error = math.sqrt(max(best["test_acc"] * (1 - best["test_acc"]), 1e-9) / n)
+        verdict = "beyond" if gap > 2 * error else "within"
+        noise = f", {verdict} the noise of its {n}-image test set (2 standard errors: {_points(2 * error)})"
+    else:
+        noise = ""
+    text.append(
+        f"The runner-up `{second['run']}` ({second.get('model', '?')}) is {_points(gap)} behind{noise}."
+    )
+    alternatives = []
+    fastest = max(done, key=lambda r: r.get("images_per_second") or 0.0)
+    if fastest is not best and (fastest.get("images_per_second") or 0) > 1.2 * (
+        best.get("images_per_second") or 0
+    ):
+        ratio = fastest["images_per_second"] / max(best.get("images_per_second") or 1e-9, 1e-9)
+        alternatives.append(
+            f"for throughput, `{fastest['run']}` runs {ratio:.1f}x faster "
+            f"at {_points(best['test_acc'] - fastest['test_acc'])} less accuracy"
+        )
+    smallest = min(done, key=lambda r: r.get("params_total") or math.inf)
+    if smallest is not best and (smallest.get("params_total") or math.inf) < 0.8 * (
+        best.get("params_total") or 0
+    ):
+        alternatives.append(
+            f"for size, `{smallest['run']}` has {_cell('params_total', smallest['params_total'])} parameters "
+            f"({_points(best['test_acc'] - smallest['test_acc'])} less accuracy)"
+        )
+    quickest = min(done, key=lambda r: r["train_seconds"] if r.get("train_seconds") is not None else math.inf)
+    if quickest is not best and (quickest.get("train_seconds") or math.inf) < 0.8 * (
+        best.get("train_seconds") or 0
+    ):
+        alternatives.append(
+            f"for training cost, `{quickest['run']}` trained in {quickest['train_seconds']:.0f} s "
+            f"({_points(best['test_acc'] - quickest['test_acc'])} less accuracy)"
+        )
+    if alternatives:
+        text.append("Trade-offs: " + "; ".join(alternatives) + ".")
+    else:
+        text.append("No other run is clearly smaller, faster or cheaper to train: no trade-off against it.")
+    return " ".join(text) + tail
+
+
+def write_markdown(
+    path: Path, rows: Sequence[dict[str, Any]], sources: Sequence[str], throughput_note: str
+) -> str:
+    text = (
+        "# Leaderboard\n\n"
+        f"Runs from: {', '.join(sources)}. Sorted by test accuracy; {throughput_note}\n\n"
+        f"{markdown_table(rows)}\n\n## Recommendation\n\n{recommendation(rows)}\n"
+    )
+    path.write_text(text)
+    return text
+
+
+def compare(cfg: DictConfig) -> list[dict[str, Any]]:
+    runs = required(cfg, "runs", "runs=lightning_logs/runs or runs=[dir1,dir2]")
+    runs = OmegaConf.to_container(runs) if isinstance(runs, ListConfig) else [runs]
+    run_dirs = find_runs([str(r) for r in runs])
+    if cfg.get("output_dir"):
+        out = Path(cfg.output_dir)
+    elif len(runs) == 1 and not is_run_dir(Path(str(runs[0]))):
+        out = Path(str(runs[0]))
+    else:
+        out = Path(os.path.commonpath([str(p.resolve().parent) for p in run_dirs]))
+    out.mkdir(parents=True, exist_ok=True)
+    throughput = bool(cfg.get("throughput", True))
+    import torch
+
+    precision = resolve_precision(cfg.get("precision", "auto"), torch.device("cpu"))
+    batch, iterations = int(cfg.get("throughput_batch", 32)), int(cfg.get("throughput_iters", 3))
+    log.info(
+        "comparing %d run(s)%s", len(run_dirs), " (timing inference of each model)" if throughput else ""
+    )
+    rows = rank_rows([run_row(d, throughput, precision, batch, iterations) for d in run_dirs])
+    write_csv(out / "leaderboard.csv", rows)
+    note = (
+        f"img/s: forward passes of a {batch}-image random batch at the model's input size, measured now "
+        f"on this machine (CPU, {'bf16 autocast' if precision == 'bf16' else 'float32'}, "
+        f"{torch.get_num_threads()} threads); params 'trainable': head + unfrozen blocks per the run's "
+        "fine-tuning recipe; ckpt MB: the checkpoint file (optimizer state included)."
+        if throughput
+        else "inference throughput not measured (throughput=false)."
+    )
+    text = write_markdown(out / "leaderboard.md", rows, [str(r) for r in runs], note)
+    print(f"{text}\nwrote {out / 'leaderboard.csv'} and {out / 'leaderboard.md'}", flush=True)
+    return rows
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="compare")
+def main(cfg: DictConfig) -> None:
+    run_tool(compare, cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,402 @@
+"""`python eval.py ckpt_path=...`: metrics, per-class table, confusion matrix, worst mistakes and curves.
+
+The model comes with its own class names and preprocessing (no training config needed). The data
+defaults to the run's own data (``config.yaml`` next to ``checkpoints/``), else Food-101 found as ``train.py``
+finds it; ``data=imagefolder data.root=...`` or ``data.root=...`` point elsewhere. Images are read in
+a fixed order, so re-running gives identical files.
+"""
+
+from __future__ import annotations
+
+import csv
+import inspect
+import json
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from foodvision.cli import CONFIG_DIR, required, run_tool
+from foodvision.data.datamodule import FoodDataModule
+from foodvision.data.images import load_rgb
+from foodvision.data.splits import SPLITS
+from foodvision.inference import ClassMismatchError, Predictor, ToolError, infer_files, run_dir_of
+from foodvision.reporting import confusion_figure, plt, save_figure
+
+log = logging.getLogger(__name__)
+
+SPLIT_ALIASES = {"validation": "val", "valid": "val"}
+# Keys of the `data` block of conf/eval.yaml that are eval options, not FoodDataModule arguments.
+EVAL_ONLY_DATA_KEYS = ("split",)
+
+
+# ---- metrics --------------------------------------------------------------------------------------------
+def classification_metrics(confusion: Any) -> dict[str, Any]:
+    """Accuracy and per-class, macro and support-weighted precision/recall/F1 of a confusion matrix
+    (rows: true class, columns: predicted). A class never predicted has precision 0 (as torchmetrics)."""
+    matrix = np.asarray(confusion, dtype=np.float64)
+    tp = np.diag(matrix)
+    support = matrix.sum(axis=1)
+    predicted = matrix.sum(axis=0)
+    total = matrix.sum()
+    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
+    recall = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
+    both = precision + recall
+    f1 = np.divide(2 * precision * recall, both, out=np.zeros_like(tp), where=both > 0)
+    weights = support / total if total > 0 else np.zeros_like(support)
+    return {
+        "accuracy": float(tp.sum() / total) if total > 0 else 0.0,
+        "precision_macro": float(precision.mean()),
+        "recall_macro": float(recall.mean()),
+        "f1_macro": float(f1.mean()),
+        "precision_weighted": float((precision * weights).sum()),
+        "recall_weighted": float((recall * weights).sum()),
+        "f1_weighted": float((f1 * weights).sum()),
+        "per_class": {"precision": precision, "recall": recall, "f1": f1, "support": support.astype(int)},
+    }
+
+
+def confusion_matrix(true: Sequence[int], predicted: Sequence[int], num_classes: int) -> np.ndarray:
+    index = np.asarray(true, dtype=np.int64) * num_classes + np.asarray(predicted, dtype=np.int64)
+    return np.bincount(index, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+# ---- where: run dir, data, classes ---------------------------------------------------------------------
+def normalise_split(split: str) -> str:
+    split = SPLIT_ALIASES.get(str(split), str(split))
+    if split not in SPLITS:
+        raise ToolError(f"data.split must be one of {', '.join(SPLITS)} (or validation), got {split!r}")
+    return split
+
+
+def resolve_eval_data(cfg: DictConfig, run_dir: Path | None) -> tuple[dict[str, Any], str]:
+    """FoodDataModule arguments and where they came from.
+
+    ``data=<group>`` on the command line: that group. Otherwise the run's ``config.yaml`` data section,
+    else ``conf/data/food101.yaml``; the non-null keys of this config's ``data`` block override either.
+    """
+    from foodvision.train import resolve_data_root  # lazily: the training stack is not needed before this
+
+    user = OmegaConf.to_container(cfg.data, resolve=False)
+    chosen_group = "_target_" in user
+    run_config = run_dir / "config.yaml" if run_dir is not None else None
+    if chosen_group:
+        container = OmegaConf.create({"seed": cfg.seed, "paths": cfg.paths, "data": cfg.data})
+        origin = "data config from the command line"
+    elif run_config is not None and run_config.is_file():
+        container = OmegaConf.load(run_config)
+        origin = f"the run's data ({run_config})"
+        for key, value in user.items():
+            if value is not None and key not in EVAL_ONLY_DATA_KEYS:
+                container.data[key] = value
+    else:
+        container = OmegaConf.create(
+            {
+                "seed": cfg.seed,
+                "paths": cfg.paths,
+                "data": OmegaConf.load(Path(CONFIG_DIR) / "data" / "food101.yaml"),
+            }
+        )
+        origin = "Food-101 default (no config.yaml next to the checkpoint)"
+        for key, value in user.items():
+            if value is not None and key not in EVAL_ONLY_DATA_KEYS:
+                container.data[key] = value
+    OmegaConf.set_struct(container, False)
+    container.data.augment = None
+    container.data.output_dir = None
+    with open_dict(container):
+        resolve_data_root(container)
+    data = OmegaConf.to_container(container.data, resolve=True)
+    for key in EVAL_ONLY_DATA_KEYS:
+        data.pop(key, None)
+    # A run's config.yaml may come from an older or newer foodvision: keep what FoodDataModule takes.
+    accepted = set(inspect.signature(FoodDataModule.__init__).parameters) | {"_target_"}
+    dropped = sorted(set(data) - accepted)
+    if dropped:
+        log.info("data options this version does not know, ignored: %s", ", ".join(dropped))
+    return {k: v for k, v in data.items() if k in accepted}, origin
+
+
+def _names(names: Sequence[str], limit: int = 12) -> str:
+    names = list(names)
+    more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def match_classes(
+    model_classes: Sequence[str], data_classes: Sequence[str], model: str, data: str
+) -> list[int]:
+    """For each data class index, the model's output index of that class; an error naming the differences
+    unless both have exactly the same classes (in any order)."""
+    model_set, data_set = set(model_classes), set(data_classes)
+    if model_set != data_set:
+        only_model = sorted(model_set - data_set)
+        only_data = sorted(data_set - model_set)
+        parts = [f"{model} has {len(model_classes)} classes, {data} has {len(data_classes)}"]
+        if only_model:
+            parts.append(f"only in the model: {_names(only_model)}")
+        if only_data:
+            parts.append(f"only in the data: {_names(only_data)}")
+        hint = "Evaluate on data with exactly the model's classes"
+        if model_set < data_set:
+            hint += f" (for a Food-101 tree: data.classes=[{','.join(sorted(model_classes))}])"
+        raise ClassMismatchError(f"the model's classes do not fit the data: {'; '.join(parts)}. {hint}.")
+    index = {name: i for i, name in enumerate(model_classes)}
+    return [index[name] for name in data_classes]
+
+
+# ---- training curves -------------------------------------------------------------------------------------
+CURVE_TAGS = ("train/loss", "val/loss", "train/acc", "val/acc")
+
+
+def read_curves(run_dir: Path) -> dict[str, list[tuple[int, float]]] | None:
+    """Per-epoch ``train/val`` loss and accuracy from the run's TensorBoard events; None without events."""
+    if not any(Path(run_dir).glob("events.out.tfevents.*")):
+        return None
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logging.getLogger("tensorboard").setLevel(logging.WARNING)  # no "Directory watcher advancing ..." lines
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0}).Reload()
+    tags = set(events.Tags().get("scalars", []))
+    epoch_at: dict[int, int] = {}
+    if "epoch" in tags:
+        for event in events.Scalars("epoch"):
+            epoch_at.setdefault(event.step, int(event.value))  # first: fit's epoch, not the later test's
+    curves: dict[str, list[tuple[int, float]]] = {}
+    for tag in CURVE_TAGS:
+        if tag in tags:
+            points: dict[int, float] = {}
+            for i, event in enumerate(events.Scalars(tag)):
+                points[epoch_at.get(event.step, i)] = float(event.value)  # a resumed epoch: the latest value
+            curves[tag] = sorted(points.items())
+    return curves or None
+
+
+def curves_figure(curves: Mapping[str, list[tuple[int, float]]], title: str):
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=100)
+    for ax, metric, label in ((axes[0], "loss", "cross-entropy loss"), (axes[1], "acc", "accuracy")):
+        for stage, style in (("train", "-o"), ("val", "--s")):
+            points = curves.get(f"{stage}/{metric}")
+            if points:
+                ax.plot([e + 1 for e, _ in points], [v for _, v in points], style, label=stage, markersize=4)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    val_acc = curves.get("val/acc")
+    if val_acc:
+        best_epoch, best = max(val_acc, key=lambda p: (p[1], -p[0]))
+        axes[1].axvline(best_epoch + 1, color="grey", linestyle=":", linewidth=1)
+        axes[1].annotate(
+            f"best val {best:.3f}", (best_epoch + 1, best), textcoords="offset points", xytext=(4, -12)
+        )
+    for ax in axes:
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+# ---- worst mistakes --------------------------------------------------------------------------------------
+def wrong_grid_figure(rows: Sequence[Mapping[str, Any]], title: str, columns: int = 4):
+    """Thumbnails of misclassified images with file, true and predicted class and confidence."""
+    if not rows:
+        fig, ax = plt.subplots(figsize=(6, 2), dpi=100)
+        ax.axis("off")
+        ax.text(0.5, 0.5, "no misclassified images", ha="center", va="center", fontsize=14)
+        ax.set_title(title, fontsize=10)
+        return fig
+    columns = min(columns, len(rows))
+    lines = math.ceil(len(rows) / columns)
+    fig, axes = plt.subplots(lines, columns, figsize=(3.2 * columns, 3.6 * lines), dpi=100, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, row in zip(axes.flat, rows, strict=False):
+        try:
+            image = load_rgb(row["file"], draft_size=(256, 256))
+            image.thumbnail((256, 256))
+            ax.imshow(image)
+        except Exception as error:  # noqa: BLE001 - a file changed since prediction: say so in its cell
+            ax.text(0.5, 0.5, f"unreadable\n{type(error).__name__}", ha="center", va="center")
+        name = Path(row["file"]).name
+        name = name if len(name) <= 30 else name[:27] + "..."
+        ax.set_title(
+            f"{name}\ntrue: {row['true']}\npred: {row['predicted']} ({float(row['confidence']):.2f})",
+            fontsize=8,
+            color="darkred",
+        )
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+# ---- writing ---------------------------------------------------------------------------------------------
+def write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> Path:
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+def _f(value: float) -> str:
+    return f"{value:.6f}"
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Evaluate ``cfg.ckpt_path`` on ``cfg.data.split``; writes the eval dir and returns its metrics."""
+    ckpt_path = required(cfg, "ckpt_path", "ckpt_path=lightning_logs/runs/<run>/checkpoints/last.ckpt")
+    predictor = Predictor(ckpt_path, cfg.get("device", "auto"), cfg.get("precision", "auto"))
+    log.info("model: %s", predictor.describe())
+    run_dir = run_dir_of(predictor.path)
+    split = normalise_split(cfg.data.get("split", "test"))
+    data_args, origin = resolve_eval_data(cfg, run_dir)
+    datamodule = hydra.utils.instantiate(
+        {"_target_": "foodvision.data.datamodule.FoodDataModule", **data_args}
+    )
+    assert isinstance(datamodule, FoodDataModule)
+    splits = datamodule.discover()
+    samples = splits.splits[split]
+    if not samples:
+        raise ToolError(f"the {split} split of {datamodule.root} has no images")
+    names = predictor.class_names
+    to_model = match_classes(names, splits.classes, f"model {predictor.path.name}", f"the {split} data")
+    files = [path for path, _ in samples]
+    labels = np.array([to_model[label] for _, label in samples], dtype=np.int64)
+    out = Path(cfg.output_dir) if cfg.get("output_dir") else run_dir / f"eval-{split}"
+    out.mkdir(parents=True, exist_ok=True)
+    log.info("evaluating %d %s images from %s (%s) -> %s", len(files), split, datamodule.root, origin, out)
+
+    result = infer_files(
+        predictor,
+        files,
+        batch_size=int(cfg.get("batch_size", 256)),
+        num_workers=_workers(cfg),
+        progress=bool(cfg.get("progress", True)),
+        desc=f"eval {split}",
+    )
+    if not result.indices:
+        raise ToolError(
+            f"none of the {len(files)} {split} images could be read (first: {result.failed[0][1]})"
+        )
+    kept_files = [files[i] for i in result.indices]
+    true = torch.from_numpy(labels[result.indices])
+    logits = result.logits
+    probabilities = logits.softmax(dim=1)
+    confidence, predicted = probabilities.max(dim=1)
+    num_classes = len(names)
+    confusion = confusion_matrix(true.numpy(), predicted.numpy(), num_classes)
+    scores = classification_metrics(confusion)
+    per_class = scores.pop("per_class")
+
+    metrics: dict[str, Any] = {"accuracy": scores["accuracy"]}
+    if num_classes >= 5:
+        top5 = logits.topk(5, dim=1).indices
+        metrics["top5_accuracy"] = float((top5 == true[:, None]).any(dim=1).float().mean())
+    metrics["loss"] = float(F.cross_entropy(logits, true))
+    metrics.update({k: v for k, v in scores.items() if k != "accuracy"})
+    metrics.update(
+        {
+            "split": split,
+            "num_images": len(kept_files),
+            "num_classes": num_classes,
+            "skipped_images": [{"file": f, "reason": r} for f, r in result.failed],
+            "checkpoint": str(predictor.path),
+            "model": predictor.info.architecture,
+            "precision": predictor.precision,
+            "data": f"{splits.origin}; {origin}",
+        }
+    )
+    write_csv(
+        out / "per_class.csv",
+        ["class", "precision", "recall", "f1", "support"],
+        [
+            [
+                name,
+                _f(per_class["precision"][i]),
+                _f(per_class["recall"][i]),
+                _f(per_class["f1"][i]),
+                int(per_class["support"][i]),
+            ]
+            for i, name in enumerate(names)
+        ],
+    )
+    write_csv(
+        out / "confusion_matrix.csv",
+        ["true \\ predicted", *names],
+        [[name, *map(int, confusion[i])] for i, name in enumerate(names)],
+    )
+    title = (
+        f"{split} confusion (row-normalised) - {predictor.info.architecture}, acc {metrics['accuracy']:.3f}"
+    )
+    save_figure(confusion_figure(confusion, names, title), out / "confusion_matrix.png")
+
+    rows = [
+        {"file": f, "true": names[t], "predicted": names[p], "confidence": float(c)}
+        for f, t, p, c in zip(kept_files, true.tolist(), predicted.tolist(), confidence.tolist(), strict=True)
+    ]
+    write_csv(
+        out / "predictions.csv",
+        ["file", "true", "predicted", "confidence"],
+        [[r["file"], r["true"], r["predicted"], _f(r["confidence"])] for r in rows],
+    )
+    wrong = sorted(
+        (r for r in rows if r["true"] != r["predicted"]), key=lambda r: (-r["confidence"], r["file"])
+    )
+    write_csv(
+        out / "most_confident_wrong.csv",
+        ["file", "true", "predicted", "confidence"],
+        [[r["file"], r["true"], r["predicted"], _f(r["confidence"])] for r in wrong],
+    )
+    shown = wrong[: int(cfg.get("top_wrong", 16))]
+    grid_title = f"most confident mistakes ({len(shown)} of {len(wrong)} wrong of {len(rows)} {split} images)"
+    save_figure(wrong_grid_figure(shown, grid_title), out / "most_confident_wrong.png")
+
+    curves = read_curves(run_dir)
+    if curves:
+        save_figure(curves_figure(curves, f"training curves - {run_dir.name}"), out / "curves.png")
+    else:
+        (out / "curves.png").unlink(missing_ok=True)  # from an earlier model evaluated into this dir
+        note = f"no TensorBoard events in {run_dir}: curves.png not written"
+        log.info(note)
+        metrics["notes"] = [note]
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+
+    _print_summary(metrics, out, result.images_per_second)
+    return metrics
+
+
+def _workers(cfg: DictConfig) -> int:
+    from foodvision.data.datamodule import default_num_workers
+
+    workers = cfg.get("num_workers")
+    return default_num_workers() if workers is None else int(workers)
+
+
+def _print_summary(metrics: Mapping[str, Any], out: Path, speed: float) -> None:
+    keys = ("accuracy", "top5_accuracy", "loss", "precision_macro", "recall_macro", "f1_macro", "f1_weighted")
+    lines = [f"  {k:<17}{metrics[k]:.4f}" for k in keys if k in metrics]
+    skipped = len(metrics["skipped_images"])
+    print(
+        f"\n{metrics['split']}: {metrics['num_images']} images, {metrics['num_classes']} classes"
+        f" ({speed:.1f} images/s{f', {skipped} unreadable skipped' if skipped else ''})\n"
+        + "\n".join(lines)
+        + f"\neval dir: {out}",
+        flush=True,
+    )
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
+def main(cfg: DictConfig) -> None:
+    run_tool(evaluate, cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,234 @@
+"""`python predict.py ckpt_path=... inputs=[photo.jpg,folder/,'glob/*.png']`: top-k classes of each photo.
+
+Needs only the model file (a training checkpoint or an exported .pt/.onnx), no training data. Folders are
+searched recursively for image files; files that cannot be read are reported and skipped. Exit code 0 when
+every input was predicted, 1 when some failed, 2 when nothing could be predicted.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from foodvision.cli import CONFIG_DIR, EXPECTED_ERRORS, required
+from foodvision.data.images import IMAGE_EXTENSIONS, is_image_file
+from foodvision.inference import Predictor, ToolError, infer_files
+
+log = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_SOME_FAILED, EXIT_NOTHING_PREDICTED = 0, 1, 2
+
+
+@dataclass
+class Inputs:
+    """The files to predict, in order, and the inputs that gave none (missing path, empty folder, ...)."""
+
+    files: list[str] = field(default_factory=list)
+    problems: list[tuple[str, str]] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)  # non-image files found while searching folders
+
+
+def _folder_images(folder: Path) -> tuple[list[str], list[str]]:
+    images, others = [], []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if name.startswith("."):
+                continue
+            (images if is_image_file(name) else others).append(os.path.join(dirpath, name))
+    return images, others
+
+
+def collect_inputs(inputs: Sequence[str] | str) -> Inputs:
+    """Expand files, folders (recursively: image files only) and glob patterns, keeping their order.
+
+    A file named explicitly is always tried, whatever its extension; inside folders and glob matches only
+    files with an image extension are taken.
+    """
+    if isinstance(inputs, (str, Path)):
+        inputs = [str(inputs)]
+    found = Inputs()
+    seen: set[str] = set()
+
+    def add(path: str) -> None:
+        if path not in seen:
+            seen.add(path)
+            found.files.append(path)
+
+    for item in map(str, inputs):
+        path = Path(item).expanduser()
+        if glob.has_magic(item) and not path.exists():
+            matches = sorted(glob.glob(str(path), recursive=True))
+            if not matches:
+                found.problems.append((item, "no files match this pattern"))
+                continue
+            images = []
+            for match in matches:
+                if os.path.isdir(match):
+                    more, others = _folder_images(Path(match))
+                    images += more
+                    found.ignored += others
+                elif is_image_file(match):
+                    images.append(match)
+                else:
+                    found.ignored.append(match)
+            if not images:
+                found.problems.append((item, f"the {len(matches)} match(es) include no image files"))
+            for image in images:
+                add(image)
+        elif path.is_dir():
+            images, others = _folder_images(path)
+            found.ignored += others
+            if not images:
+                what = (
+                    f"only {len(others)} non-image file(s), e.g. {Path(others[0]).name}"
+                    if others
+                    else "no files"
+                )
+                found.problems.append(
+                    (item, f"folder has no image files ({what}; looked for {', '.join(IMAGE_EXTENSIONS)})")
+                )
+            for image in images:
+                add(image)
+        elif path.is_file():
+            add(str(path))
+        else:
+            found.problems.append((item, "no such file or folder"))
+    return found
+
+
+def top_k_rows(
+    files: Sequence[str], indices: Sequence[int], probabilities: Any, class_names: Sequence[str], k: int
+) -> list[dict[str, Any]]:
+    k = max(1, min(int(k), len(class_names)))
+    values, classes = probabilities.topk(k, dim=1)
+    return [
+        {
+            "file": files[index],
+            "predictions": [
+                {"class": class_names[c], "probability": float(p)}
+                for c, p in zip(row_classes, row_values, strict=True)
+            ],
+        }
+        for index, row_classes, row_values in zip(indices, classes.tolist(), values.tolist(), strict=True)
+    ]
+
+
+def format_table(rows: Sequence[dict[str, Any]], failed: Sequence[tuple[str, str]]) -> str:
+    if not rows:
+        table = ""
+    else:
+        k = len(rows[0]["predictions"])
+        header = ["file"] + [f"top-{i + 1}" for i in range(k)]
+        cells = [
+            [r["file"]] + [f"{p['class']} {p['probability']:6.1%}" for p in r["predictions"]] for r in rows
+        ]
+        widths = [max(len(line[i]) for line in [header, *cells]) for i in range(len(header))]
+        lines = [
+            "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
+            for line in [header, *cells]
+        ]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        table = "\n".join(lines)
+    if failed:
+        table += f"\n\nnot predicted ({len(failed)}):\n" + "\n".join(
+            f"  {name}: {reason}" for name, reason in failed
+        )
+    return table.strip("\n")
+
+
+def write_output(
+    path: Path, rows: Sequence[dict[str, Any]], failed: Sequence[tuple[str, str]], model: str
+) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix.lower() == ".json":
+        document = {
+            "model": model,
+            "predictions": list(rows),
+            "failed": [{"file": name, "error": reason} for name, reason in failed],
+        }
+        path.write_text(json.dumps(document, indent=2) + "\n")
+        return
+    k = len(rows[0]["predictions"]) if rows else 1
+    header = ["file"] + [f"{what}_{i + 1}" for i in range(k) for what in ("class", "probability")] + ["error"]
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        for row in rows:
+            cells = [v for p in row["predictions"] for v in (p["class"], f"{p['probability']:.6f}")]
+            writer.writerow([row["file"], *cells, ""])
+        for name, reason in failed:
+            writer.writerow([name, *([""] * 2 * k), reason])
+
+
+def predict(cfg: DictConfig) -> tuple[int, list[dict[str, Any]], list[tuple[str, str]]]:
+    """Predict ``cfg.inputs``; returns ``(exit code, rows, failed)`` and prints the table."""
+    ckpt_path = required(cfg, "ckpt_path", "ckpt_path=<run>/checkpoints/last.ckpt (or model.pt / model.onnx)")
+    raw = cfg.get("inputs")
+    raw = OmegaConf.to_container(raw) if isinstance(raw, ListConfig) else raw
+    if raw in (None, "", []):
+        raise ToolError("inputs is required, e.g. inputs=[photo.jpg,folder/,'photos/*.png']")
+    output = Path(cfg.output) if cfg.get("output") else None
+    if output is not None and output.suffix.lower() not in (".csv", ".json"):
+        raise ToolError(f"output must end in .csv or .json, got {output}")
+    predictor = Predictor(ckpt_path, cfg.get("device", "auto"), cfg.get("precision", "auto"))
+    log.info("model: %s", predictor.describe())
+    found = collect_inputs(raw)
+    if found.ignored:
+        log.info("ignored %d non-image file(s) in folders, e.g. %s", len(found.ignored), found.ignored[0])
+    failed = list(found.problems)
+    rows: list[dict[str, Any]] = []
+    if found.files:
+        result = infer_files(
+            predictor,
+            found.files,
+            batch_size=int(cfg.get("batch_size", 64)),
+            num_workers=int(cfg.get("num_workers") or 0),
+            progress=bool(cfg.get("progress", True)) and len(found.files) > 1,
+        )
+        rows = top_k_rows(
+            found.files, result.indices, result.probabilities, predictor.class_names, cfg.get("top_k", 3)
+        )
+        failed += result.failed
+    print(format_table(rows, failed), flush=True)
+    if output is not None:
+        write_output(output, rows, failed, str(predictor.path))
+        print(f"\nwrote {output}", flush=True)
+    if not rows:
+        print(
+            "error: nothing could be predicted" + (": no inputs found" if not found.files else ""),
+            file=sys.stderr,
+        )
+        return EXIT_NOTHING_PREDICTED, rows, failed
+    return (EXIT_SOME_FAILED if failed else EXIT_OK), rows, failed
+
+
+def run(cfg: DictConfig) -> int:
+    """Exit code of a predict run; known errors (bad model file, ...) print one line and give 2."""
+    try:
+        return predict(cfg)[0]
+    except EXPECTED_ERRORS as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return EXIT_NOTHING_PREDICTED
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="predict")
+def main(cfg: DictConfig) -> None:
+    code = run(cfg)
+    if code:
+        sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

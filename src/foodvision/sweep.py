@@ -1,0 +1,352 @@
+"""Hydra sweeps (``python train.py -m ...``): failed trials are recorded and skipped, and the sweep dir gets
+a summary table.
+
+* :func:`run_trial` wraps ``train`` in ``main``. In a multirun, an exception is logged, written to
+  ``<trial dir>/failed.json`` (error type, message, traceback, overrides) and the trial returns
+  ``failed_trial_value`` (default ``None``; the Optuna sweeper then marks the trial FAIL), so the sweep
+  goes on with the next trial. A single run raises as usual.
+* :class:`SweepSummary` (a Hydra callback, configured in ``conf/hydra/default.yaml``) writes
+  ``summary.csv`` and ``summary.md`` into the multirun dir: one row per trial with its overrides,
+  status (ok / failed / incomplete) and the columns of ``python compare.py``'s leaderboard (its
+  ``run_row``, without timing inference). It rewrites them after every trial, so an interrupted sweep
+  still has its table, and logs the table when the sweep ends. It also creates the directory of an
+  Optuna ``sqlite:///`` storage before the sweeper opens it.
+* ``python -m foodvision.sweep <multirun dir>`` rebuilds the summary of a sweep dir.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import json
+import logging
+import math
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+FAILED_FILE = "failed.json"
+METRICS_FILE = "metrics.json"
+SUMMARY_NAME = "summary"
+# The trial's settings (config keys) and results (metrics.json keys) of a summary row.
+# Without foodvision.compare these are the columns; with it, its leaderboard's (the same names, and more).
+SETTING_COLUMNS = ("model", "lr", "epochs", "augment", "unfreeze")
+METRIC_COLUMNS_FROM = {
+    "train/acc": "train_acc",
+    "val/acc": "val_acc",
+    "test/acc": "test_acc",
+    "test/loss": "test_loss",
+    "test/f1_macro": "test_f1_macro",
+    "train_seconds": "train_seconds",
+}
+METRIC_COLUMNS = tuple(METRIC_COLUMNS_FROM.values())
+
+
+# ---- failing trials ---------------------------------------------------------------------------
+def in_multirun() -> bool:
+    """Whether this process runs a trial of a Hydra multirun (``-m`` or ``hydra.mode=MULTIRUN``)."""
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def record_failure(trial_dir: str | Path, error: BaseException, overrides: Sequence[str] = ()) -> Path:
+    """Write ``failed.json`` (error type, message, traceback, overrides, time) into ``trial_dir``."""
+    path = Path(trial_dir) / FAILED_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {
+        "status": "failed",
+        "error_type": type(error).__name__,
+        "message": str(error),
+        "traceback": "".join(traceback.format_exception(type(error), error, error.__traceback__)),
+        "overrides": list(overrides),
+        "time": dt.datetime.now().isoformat(timespec="seconds"),
+    }
+    path.write_text(json.dumps(record, indent=2))
+    return path
+
+
+def run_trial(
+    train_fn: Callable[[DictConfig], tuple[float | None, dict[str, Any]]], cfg: DictConfig
+) -> float | None:
+    """``train_fn(cfg)``'s optimised metric; in a multirun a failure is recorded instead of raised."""
+    if not in_multirun():
+        return train_fn(cfg)[0]
+    try:
+        return train_fn(cfg)[0]
+    except Exception as error:
+        hydra_cfg = HydraConfig.get()
+        path = record_failure(hydra_cfg.runtime.output_dir, error, list(hydra_cfg.overrides.task))
+        log.exception(
+            "trial %s failed (%s: %s); recorded in %s, the sweep goes on",
+            hydra_cfg.job.num,
+            type(error).__name__,
+            error,
+            path,
+        )
+        return cfg.get("failed_trial_value")
+
+
+# ---- the summary table -----------------------------------------------------------------------
+def _load_yaml(path: Path) -> DictConfig | None:
+    try:
+        loaded = OmegaConf.load(path)
+    except Exception:  # a half-written or foreign file must not stop the summary
+        return None
+    return loaded if isinstance(loaded, DictConfig) else None
+
+
+def _select(cfg: DictConfig | None, key: str) -> Any:
+    if cfg is None:
+        return None
+    return OmegaConf.select(cfg, key, default=None, throw_on_resolution_failure=False)
+
+
+def _load_overrides(path: Path) -> list[str]:
+    try:
+        loaded = OmegaConf.to_container(OmegaConf.load(path))
+    except Exception:
+        return []
+    return [str(o) for o in loaded] if isinstance(loaded, list) else []
+
+
+def _load_json(path: Path) -> dict[str, Any]:
+    try:
+        loaded = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return loaded if isinstance(loaded, dict) else {}
+
+
+def find_trial_dirs(sweep_dir: str | Path) -> list[Path]:
+    """The trial dirs of a multirun dir: every dir below it with Hydra's ``.hydra/overrides.yaml``."""
+    sweep_dir = Path(sweep_dir)
+    dirs = {p.parent.parent for p in sweep_dir.glob("**/.hydra/overrides.yaml")}
+    return sorted((d for d in dirs if d != sweep_dir), key=lambda d: _sort_key(sweep_dir, d))
+
+
+def _sort_key(sweep_dir: Path, trial_dir: Path) -> tuple[Any, ...]:
+    number = _select(_load_yaml(trial_dir / ".hydra" / "hydra.yaml"), "hydra.job.num")
+    parts = trial_dir.relative_to(sweep_dir).parts
+    return (
+        number if isinstance(number, int) else math.inf,
+        tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in parts),
+    )
+
+
+def _leaderboard_row(trial_dir: Path) -> dict[str, Any] | None:
+    """The compare leaderboard's row of a run (``foodvision.compare.run_row``, without timing), or None
+    when that module is unavailable or cannot read the trial."""
+    try:
+        from foodvision.compare import run_row
+    except Exception:  # compare's dependencies missing: the summary's own columns still work
+        return None
+    try:
+        return run_row(trial_dir, throughput=False)
+    except Exception as error:
+        log.warning("leaderboard columns of %s unavailable: %s", trial_dir, error)
+        return None
+
+
+def leaderboard_columns() -> list[str]:
+    """The compare leaderboard's columns (less rank/run/status and timing), else the summary's own."""
+    try:
+        from foodvision.compare import COLUMNS as LEADERBOARD
+    except Exception:
+        return list(SETTING_COLUMNS + METRIC_COLUMNS)
+    return [key for key, _ in LEADERBOARD if key not in ("rank", "run", "status", "images_per_second")]
+
+
+def _model_name(cfg: DictConfig | None) -> str | None:
+    """``model.name``, with the conv widths for scratch CNNs (as the compare leaderboard names them)."""
+    name, widths = _select(cfg, "model.name"), _select(cfg, "model.scratch.widths")
+    if _select(cfg, "model.kind") == "scratch" and widths:
+        return f"{name}{list(widths)}"
+    return name
+
+
+def trial_row(trial_dir: str | Path, sweep_dir: str | Path | None = None) -> dict[str, Any]:
+    """One summary row: the trial's number, status, overrides, and the leaderboard columns of
+    ``python compare.py`` (recipe, accuracies, loss, F1, parameters, checkpoint size, training time)."""
+    trial_dir = Path(trial_dir)
+    hydra_dir = trial_dir / ".hydra"
+    overrides = _load_overrides(hydra_dir / "overrides.yaml")
+    # train() saves the config it ran (config.yaml); a trial that failed before that has Hydra's copy.
+    cfg = _load_yaml(trial_dir / "config.yaml") or _load_yaml(hydra_dir / "config.yaml")
+    number = _select(_load_yaml(hydra_dir / "hydra.yaml"), "hydra.job.num")
+    failure = _load_json(trial_dir / FAILED_FILE) if (trial_dir / FAILED_FILE).is_file() else None
+    metrics = _load_json(trial_dir / METRICS_FILE)
+    status = "failed" if failure is not None else ("ok" if metrics else "incomplete")
+    finetune = bool(_select(cfg, "finetune.enabled"))
+    row: dict[str, Any] = {
+        "trial": number if number is not None else trial_dir.name,
+        "status": status,
+        "overrides": " ".join(overrides),
+        "_overrides": overrides,
+        "model": _model_name(cfg),
+        "lr": _select(cfg, "optimizer.lr"),
+        "epochs": _select(cfg, "trainer.max_epochs"),
+        "augment": _select(cfg, "augment.name"),
+        "unfreeze": str(_select(cfg, "finetune.unfreeze")) if finetune else "all (no freezing)",
+    }
+    row.update({column: metrics.get(key) for key, column in METRIC_COLUMNS_FROM.items()})
+    leaderboard = _leaderboard_row(trial_dir) if failure is None else None
+    if leaderboard:
+        skip = ("status", "rank", "run", "path")
+        row.update({k: v for k, v in leaderboard.items() if v is not None and k not in skip})
+    optimized = _select(cfg, "optimized_metric")
+    if optimized and optimized.replace("/", "_") not in row:
+        row[optimized] = metrics.get(optimized)
+    row["error"] = f"{failure.get('error_type')}: {failure.get('message')}" if failure else None
+    row["dir"] = str(trial_dir.relative_to(sweep_dir)) if sweep_dir else str(trial_dir)
+    return row
+
+
+def sweep_rows(sweep_dir: str | Path, cache: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Rows of every trial; ``cache`` keeps the rows of finished trials (ok or failed) between calls."""
+    rows = []
+    for trial_dir in find_trial_dirs(sweep_dir):
+        key = str(trial_dir)
+        row = cache.get(key) if cache is not None else None
+        if row is None:
+            row = trial_row(trial_dir, sweep_dir)
+            if cache is not None and row["status"] != "incomplete":
+                cache[key] = row
+        rows.append(row)
+    return rows
+
+
+def _cell(value: Any, column: str) -> str:
+    if value is None:
+        return ""
+    if column in ("params_total", "params_trainable") and isinstance(value, (int, float)):
+        return f"{value / 1e6:.2f}M" if value >= 1e5 else f"{value:,}"
+    if isinstance(value, float):
+        if column == "lr" or 0 < abs(value) < 1e-3:
+            return f"{value:.3g}"
+        return f"{value:.1f}" if column.endswith(("seconds", "_mb")) else f"{value:.4f}"
+    return str(value)
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |"
+
+    out = [line(columns), line(["---"] * len(columns))]
+    out += [
+        line([_cell(r.get(c), c)[: 160 if c in ("error", "note") else None] for c in columns]) for r in rows
+    ]
+    return "\n".join(out)
+
+
+def _columns(rows: Sequence[dict[str, Any]]) -> list[str]:
+    columns = ["trial", "status", "overrides", *leaderboard_columns(), "error", "dir"]
+    extra = [k for r in rows for k in r if k not in columns and not k.startswith("_")]
+    for key in dict.fromkeys(extra):  # an optimized_metric outside the leaderboard's columns
+        columns.insert(columns.index("error"), key)
+    return columns
+
+
+def write_sweep_summary(
+    sweep_dir: str | Path, name: str = SUMMARY_NAME, cache: dict[str, dict[str, Any]] | None = None
+) -> tuple[Path, Path, str]:
+    """Write ``<name>.csv`` and ``<name>.md`` into ``sweep_dir``; returns both paths and the table."""
+    sweep_dir = Path(sweep_dir)
+    rows = sweep_rows(sweep_dir, cache)
+    columns = _columns(rows)
+    csv_path, md_path = sweep_dir / f"{name}.csv", sweep_dir / f"{name}.md"
+    with csv_path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows({k: ("" if v is None else v) for k, v in r.items()} for r in rows)
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "failed", "incomplete")}
+    header = f"# Sweep {sweep_dir}\n\n{len(rows)} trials: " + ", ".join(
+        f"{n} {s}" for s, n in counts.items() if n
+    )
+    best = _best(rows)
+    if best is not None:
+        header += f"; best by {best[0]}: trial {best[1]['trial']} ({best[1][best[0]]:.4f})"
+    # The Markdown table shows what differs between trials; the overrides all trials share are listed once.
+    split = [r["_overrides"] for r in rows]
+    common = [o for o in split[0] if all(o in s for s in split[1:])] if len(split) > 1 else []
+    shown = [
+        {**r, "overrides": " ".join(o for o in s if o not in common)}
+        for r, s in zip(rows, split, strict=True)
+    ]
+    if common:
+        header += "\n\nevery trial: `" + " ".join(common) + "`"
+    table = markdown_table(shown, [c for c in columns if c != "checkpoint"])
+    md_path.write_text(f"{header}\n\n{table}\n")
+    return csv_path, md_path, table
+
+
+def _best(rows: Sequence[dict[str, Any]]) -> tuple[str, dict[str, Any]] | None:
+    for metric in ("val_acc", "test_acc"):
+        scored = [r for r in rows if r["status"] == "ok" and isinstance(r.get(metric), (int, float))]
+        if scored:
+            return metric, max(scored, key=lambda r: r[metric])
+    return None
+
+
+# ---- the Hydra callback ----------------------------------------------------------------------
+def prepare_storage(storage: Any) -> None:
+    """Create the directory of a ``sqlite:///path`` storage (SQLite does not create directories)."""
+    if isinstance(storage, str) and storage.startswith("sqlite:///"):
+        path = storage[len("sqlite:///") :]
+        if path and path != ":memory:":
+            Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
+
+
+class SweepSummary(Callback):
+    """Writes ``summary.{csv,md}`` into the multirun dir after every trial and at the end of the sweep."""
+
+    def __init__(self, name: str = SUMMARY_NAME) -> None:
+        self.name = name
+        self.sweep_dir: Path | None = None
+        self.rows: dict[str, dict[str, Any]] = {}  # finished trials' rows, computed once
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.sweep_dir = Path(str(config.hydra.sweep.dir))
+        prepare_storage(OmegaConf.select(config, "hydra.sweeper.storage", default=None))
+
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        if self.sweep_dir is None or config.hydra.mode != RunMode.MULTIRUN:
+            return
+        trial_dir = Path(config.hydra.runtime.output_dir)
+        error = getattr(job_return, "_return_value", None)
+        if isinstance(error, BaseException) and not (trial_dir / FAILED_FILE).exists():
+            record_failure(trial_dir, error, list(config.hydra.overrides.task))  # raised past run_trial
+        write_sweep_summary(self.sweep_dir, self.name, self.rows)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = self.sweep_dir or Path(str(config.hydra.sweep.dir))
+        if not sweep_dir.is_dir():
+            return
+        csv_path, md_path, table = write_sweep_summary(sweep_dir, self.name, self.rows)
+        log.info("sweep summary: %s, %s\n%s", csv_path, md_path, table)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m foodvision.sweep <multirun dir>...``: (re)write and print the summary of sweep dirs."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print("usage: python -m foodvision.sweep MULTIRUN_DIR [MULTIRUN_DIR ...]")
+        return 0 if args else 2
+    for arg in args:
+        if not Path(arg).is_dir():
+            print(f"error: {arg} is not a directory", file=sys.stderr)
+            return 2
+        csv_path, md_path, table = write_sweep_summary(arg)
+        print(f"{csv_path}\n{md_path}\n{table}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

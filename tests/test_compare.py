@@ -1,0 +1,92 @@
+"""compare.py: runs ranked by test accuracy, failed runs listed, parameters counted per the recipe."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from foodvision.compare import compare, count_parameters, find_runs
+from foodvision.models.classifier import build_classifier
+
+from .conftest import TinyRun, compose_tool
+
+
+def copy_run(tiny_run: TinyRun, target: Path, **metric_changes: float) -> Path:
+    shutil.copytree(tiny_run.run_dir, target, ignore=shutil.ignore_patterns("eval-*", "export"))
+    metrics_file = target / "metrics.json"
+    metrics = json.loads(metrics_file.read_text())
+    metrics.update(metric_changes)
+    metrics_file.write_text(json.dumps(metrics))
+    return target
+
+
+@pytest.fixture
+def runs(tiny_run: TinyRun, tmp_path: Path) -> Path:
+    """Finished runs with test acc 0.5, 0.9, 0.7; one died after writing its config, one was interrupted,
+    one multirun trial raised (failed.json)."""
+    root = tmp_path / "multirun" / "2026-01-01_00-00-00"
+    copy_run(tiny_run, root / "0", **{"test/acc": 0.5})
+    copy_run(tiny_run, root / "1", **{"test/acc": 0.9, "train_seconds": 30.0})
+    copy_run(tiny_run, root / "2", **{"test/acc": 0.7})
+    (root / "3").mkdir()
+    shutil.copy(tiny_run.run_dir / "config.yaml", root / "3" / "config.yaml")
+    interrupted = copy_run(tiny_run, root / "4")
+    (interrupted / "metrics.json").unlink()
+    raised = root / "5" / ".hydra"  # a multirun trial that raised before train() saved its config
+    raised.mkdir(parents=True)
+    shutil.copy(tiny_run.run_dir / "config.yaml", raised / "config.yaml")
+    (raised.parent / "failed.json").write_text(json.dumps({"error_type": "OSError", "message": "disk full"}))
+    (root / "multirun.yaml").write_text("hydra: {}\n")
+    return root
+
+
+def test_leaderboard_ranks_by_test_accuracy_and_lists_failed_runs(runs: Path) -> None:
+    rows = compare(compose_tool("compare", f"runs={runs.parent}", "throughput_iters=1", "throughput_batch=4"))
+    assert [r["run"] for r in rows] == ["1", "2", "0", "3", "4", "5"]
+    assert [r["rank"] for r in rows] == [1, 2, 3, None, None, None]
+    assert [r["status"] for r in rows] == ["ok", "ok", "ok", "failed", "incomplete", "failed"]
+    assert "no metrics.json" in rows[3]["note"] and "no checkpoint" in rows[3]["note"]
+    assert rows[4]["checkpoint_mb"] > 0 and rows[4]["test_acc"] is None
+    assert rows[5]["note"].startswith("OSError: disk full") and rows[5]["model"] == "scratch_cnn[8, 16]"
+    best = rows[0]
+    assert best["model"] == "scratch_cnn[8, 16]" and best["epochs"] == 2 and best["lr"] == pytest.approx(3e-3)
+    assert best["unfreeze"] == "all (no freezing)"
+    assert best["params_total"] == best["params_trainable"] > 0  # no fine-tuning: everything trains
+    assert best["images_per_second"] > 0 and best["checkpoint_mb"] > 0
+
+    # written into the folder that was compared
+    with (runs.parent / "leaderboard.csv").open() as handle:
+        saved = list(csv.DictReader(handle))
+    assert [r["run"] for r in saved] == ["1", "2", "0", "3", "4", "5"]
+    assert [r["status"] for r in saved] == ["ok", "ok", "ok", "failed", "incomplete", "failed"]
+    assert float(saved[0]["test_acc"]) == pytest.approx(0.9)
+    markdown = (runs.parent / "leaderboard.md").read_text()
+    assert "| 1 | 1 | ok | scratch_cnn[8, 16] |" in markdown
+    assert "**Recommended: `1`**" in markdown
+    assert "20.0 percentage points behind" in markdown  # runner-up 2 at 0.7
+    assert "3 run(s) failed or are incomplete" in markdown
+
+
+def test_runs_given_as_a_list_go_to_their_common_parent(runs: Path, tmp_path: Path) -> None:
+    cfg = compose_tool("compare", f"runs=[{runs / '0'},{runs / '2'}]", "throughput=false")
+    rows = compare(cfg)
+    assert [r["run"] for r in rows] == ["2", "0"]
+    assert "images_per_second" not in rows[0]
+    assert (runs / "leaderboard.md").is_file()
+    assert find_runs([runs]) == [runs / str(i) for i in range(6)]
+
+
+def test_trainable_parameters_follow_the_finetune_recipe() -> None:
+    model, _, _ = build_classifier(4, name="mobilenetv2_100", pretrained=False, head={"hidden": 8})
+    total = sum(p.numel() for p in model.parameters())
+    head = sum(p.numel() for p in model.head.parameters())
+    assert count_parameters(model, False, None, False) == (total, total)
+    assert count_parameters(model, True, "none", False) == (total, head)
+    assert count_parameters(model, True, "all", True) == (total, total)
+    _, top_two = count_parameters(model, True, 2, False)
+    _, top_two_bn = count_parameters(model, True, 2, True)
+    assert head < top_two < top_two_bn < total
