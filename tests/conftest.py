@@ -22,7 +22,9 @@ SHARED_MINI = (ROOT / ".." / "shared" / "data" / "food101-mini" / "food-101").re
 COLOURS = [(200, 40, 40), (40, 160, 40), (40, 40, 200), (200, 200, 40), (160, 40, 160), (40, 180, 180)]
 
 
-def make_image(path: Path, colour: tuple[int, int, int], size: tuple[int, int] = (48, 40), seed: int = 0) -> Path:
+def make_image(
+    path: Path, colour: tuple[int, int, int], size: tuple[int, int] = (48, 40), seed: int = 0
+) -> Path:
     """A noisy image dominated by ``colour`` with a class-coloured square, so classes are learnable."""
     rng = np.random.default_rng(seed)
     array = np.clip(rng.normal(0, 30, (size[1], size[0], 3)) + np.array(colour), 0, 255).astype(np.uint8)

@@ -20,7 +20,9 @@ from .conftest import SHARED_MINI, make_class_tree
 
 
 def _datamodule(root: Path, tmp_path: Path, **kwargs) -> FoodDataModule:
-    dm = FoodDataModule(source="imagefolder", root=str(root), num_workers=0, output_dir=str(tmp_path / "run"), **kwargs)
+    dm = FoodDataModule(
+        source="imagefolder", root=str(root), num_workers=0, output_dir=str(tmp_path / "run"), **kwargs
+    )
     dm.preprocessing = Preprocessing(image_size=32)
     return dm
 
@@ -69,7 +71,9 @@ def test_food101_layout_official_split_with_carved_validation() -> None:
     assert data.counts() == {"train": 3380, "val": 370, "test": 1250}
     train, val = {p for p, _ in data.splits["train"]}, {p for p, _ in data.splits["val"]}
     assert not train & val
-    subset = discover_food101(SHARED_MINI, 0.1, 42, classes=["baklava", "apple_pie"], caps={"train": 5, "test": 3})
+    subset = discover_food101(
+        SHARED_MINI, 0.1, 42, classes=["baklava", "apple_pie"], caps={"train": 5, "test": 3}
+    )
     assert subset.classes == ["apple_pie", "baklava"]
     assert subset.counts()["train"] == 10 and subset.counts()["test"] == 6
     with pytest.raises(DataLayoutError, match="pizza"):
@@ -106,7 +110,15 @@ def test_non_image_files_are_ignored_not_fatal(image_folder: Path) -> None:
 # ---- image modes and bad files --------------------------------------------------------------------
 @pytest.mark.parametrize(
     "mode,ext",
-    [("L", ".jpg"), ("RGBA", ".png"), ("P", ".png"), ("CMYK", ".jpg"), ("I;16", ".png"), ("LA", ".png"), ("1", ".png")],
+    [
+        ("L", ".jpg"),
+        ("RGBA", ".png"),
+        ("P", ".png"),
+        ("CMYK", ".jpg"),
+        ("I;16", ".png"),
+        ("LA", ".png"),
+        ("1", ".png"),
+    ],
 )
 def test_every_mode_becomes_rgb(tmp_path: Path, mode: str, ext: str) -> None:
     path = tmp_path / f"img{ext}"
@@ -157,7 +169,10 @@ def test_bad_file_stops_training_with_its_name(compose_train, image_folder: Path
 def test_skip_bad_images_skips_counts_and_lists(compose_train, image_folder: Path, tmp_path: Path) -> None:
     bad = _with_bad_file(image_folder)
     cfg = compose_train(
-        "model=scratch_baseline", "data.skip_bad_images=true", "data.batch_size=64", "model.scratch.widths=[8]",
+        "model=scratch_baseline",
+        "data.skip_bad_images=true",
+        "data.batch_size=64",
+        "model.scratch.widths=[8]",
         root=image_folder,
     )
     _, metrics = train(cfg)

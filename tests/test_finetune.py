@@ -15,7 +15,12 @@ from foodvision.callbacks.finetune import TwoStageFinetuning, select_groups
 from foodvision.data.datamodule import FoodDataModule
 from foodvision.module import LitClassifier
 
-MODEL = {"kind": "timm", "name": "mobilenetv2_100", "pretrained": True, "head": {"hidden": 16, "dropout": 0.0}}
+MODEL = {
+    "kind": "timm",
+    "name": "mobilenetv2_100",
+    "pretrained": True,
+    "head": {"hidden": 16, "dropout": 0.0},
+}
 UNFROZEN = ("blocks.5.", "blocks.6.", "conv_head.", "bn2.")  # timm groups conv_head/bn2 with blocks.6
 
 
@@ -47,8 +52,14 @@ class Snapshots(Callback):
 
 def make_datamodule(root: Path, out: Path, augment: str = "none", image_size: int = 32) -> FoodDataModule:
     dm = FoodDataModule(
-        source="imagefolder", root=str(root), batch_size=8, eval_batch_size=16, num_workers=0,
-        image_size=image_size, augment={"name": augment}, output_dir=str(out),
+        source="imagefolder",
+        root=str(root),
+        batch_size=8,
+        eval_batch_size=16,
+        num_workers=0,
+        image_size=image_size,
+        augment={"name": augment},
+        output_dir=str(out),
     )
     dm.discover()
     return dm
@@ -56,9 +67,13 @@ def make_datamodule(root: Path, out: Path, augment: str = "none", image_size: in
 
 def make_module(dm: FoodDataModule, lr: float = 1e-2) -> LitClassifier:
     module = LitClassifier(
-        dm.num_classes, dm.classes, model={**MODEL, "image_size": dm.image_size},
-        optimizer={"name": "adamw", "lr": lr, "weight_decay": 1e-2}, scheduler={"name": "cosine"},
-        backbone_lr_factor=0.1, max_epochs=4,
+        dm.num_classes,
+        dm.classes,
+        model={**MODEL, "image_size": dm.image_size},
+        optimizer={"name": "adamw", "lr": lr, "weight_decay": 1e-2},
+        scheduler={"name": "cosine"},
+        backbone_lr_factor=0.1,
+        max_epochs=4,
     )
     dm.preprocessing = module.preprocessing
     return module
@@ -66,16 +81,25 @@ def make_module(dm: FoodDataModule, lr: float = 1e-2) -> LitClassifier:
 
 def fit(module, dm, out: Path, callbacks: list, epochs: int, ckpt_path: str | None = None) -> L.Trainer:
     trainer = L.Trainer(
-        max_epochs=epochs, accelerator="cpu", precision="32-true", logger=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=str(out),
-        callbacks=[*callbacks, ModelCheckpoint(dirpath=str(out / "checkpoints"), save_last=True, save_top_k=0)],
+        max_epochs=epochs,
+        accelerator="cpu",
+        precision="32-true",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=str(out),
+        callbacks=[
+            *callbacks,
+            ModelCheckpoint(dirpath=str(out / "checkpoints"), save_last=True, save_top_k=0),
+        ],
     )
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     return trainer
 
 
 def changed(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor], prefix: str = "") -> set[str]:
-    return {k[len(prefix):] for k in before if k.startswith(prefix) and not torch.equal(before[k], after[k])}
+    return {k[len(prefix) :] for k in before if k.startswith(prefix) and not torch.equal(before[k], after[k])}
 
 
 def test_stage1_leaves_every_backbone_tensor_bit_identical(image_folder: Path, tmp_path: Path) -> None:
@@ -90,11 +114,17 @@ def test_stage1_leaves_every_backbone_tensor_bit_identical(image_folder: Path, t
 
 
 @pytest.mark.parametrize("train_bn", [False, True])
-def test_stage2_changes_exactly_the_selected_blocks(image_folder: Path, tmp_path: Path, train_bn: bool) -> None:
+def test_stage2_changes_exactly_the_selected_blocks(
+    image_folder: Path, tmp_path: Path, train_bn: bool
+) -> None:
     dm = make_datamodule(image_folder, tmp_path)
     module = make_module(dm)
     snaps = Snapshots()
-    callbacks = [TwoStageFinetuning(1, "blocks.5", train_bn=train_bn), FeatureCache(True, str(tmp_path / "cache")), snaps]
+    callbacks = [
+        TwoStageFinetuning(1, "blocks.5", train_bn=train_bn),
+        FeatureCache(True, str(tmp_path / "cache")),
+        snaps,
+    ]
     fit(module, dm, tmp_path, callbacks, epochs=2)
     before = snaps.at_epoch_start[1]  # end of stage 1 == start of stage 2
     moved = changed(before, snaps.final, "backbone.")
@@ -103,7 +133,9 @@ def test_stage2_changes_exactly_the_selected_blocks(image_folder: Path, tmp_path
     running = {n for n in moved if "running_" in n or "num_batches" in n}
     bn_affine = {n for n in moved if ".bn" in n and n.endswith((".weight", ".bias"))}
     convs = {n for n in moved if "conv" in n}
-    assert convs >= {n[len("backbone."):] for n in before if n.startswith("backbone.blocks.5.") and "conv" in n}
+    assert convs >= {
+        n[len("backbone.") :] for n in before if n.startswith("backbone.blocks.5.") and "conv" in n
+    }
     if train_bn:
         assert running and bn_affine
         assert snaps.norms_training[1] > 0
@@ -114,7 +146,9 @@ def test_stage2_changes_exactly_the_selected_blocks(image_folder: Path, tmp_path
     assert changed(snaps.at_epoch_start[0], before, "backbone.") == set()
 
 
-def test_resume_mid_stage2_keeps_trainable_set_modes_and_param_groups(image_folder: Path, tmp_path: Path) -> None:
+def test_resume_mid_stage2_keeps_trainable_set_modes_and_param_groups(
+    image_folder: Path, tmp_path: Path
+) -> None:
     dm = make_datamodule(image_folder, tmp_path)
     straight = Snapshots()
     fit(make_module(dm), dm, tmp_path / "a", [TwoStageFinetuning(1, "blocks.5"), straight], epochs=3)
@@ -123,9 +157,18 @@ def test_resume_mid_stage2_keeps_trainable_set_modes_and_param_groups(image_fold
     fit(make_module(dm), dm, interrupted, [TwoStageFinetuning(1, "blocks.5"), Snapshots()], epochs=2)
     resumed = Snapshots()
     last = str(interrupted / "checkpoints" / "last.ckpt")
-    fit(make_module(dm), dm, interrupted, [TwoStageFinetuning(1, "blocks.5"), resumed], epochs=3, ckpt_path=last)
+    fit(
+        make_module(dm),
+        dm,
+        interrupted,
+        [TwoStageFinetuning(1, "blocks.5"), resumed],
+        epochs=3,
+        ckpt_path=last,
+    )
 
-    assert list(resumed.requires_grad) == [2]  # continued at epoch 2, in stage 2 (not re-frozen: Lightning #21901)
+    assert list(resumed.requires_grad) == [
+        2
+    ]  # continued at epoch 2, in stage 2 (not re-frozen: Lightning #21901)
     assert resumed.requires_grad[2] == straight.requires_grad[2] != set()
     assert all(n.startswith(UNFROZEN) for n in resumed.requires_grad[2])
     assert resumed.norms_training[2] == 0
@@ -221,7 +264,14 @@ def test_stage2_trains_on_cached_prefix_maps_and_resume_hits_them(image_folder: 
 
     resumed_cache = FeatureCache("auto", str(tmp_path / "cache"))
     last = str(tmp_path / "a" / "checkpoints" / "last.ckpt")
-    fit(make_module(dm), dm, tmp_path / "a", [TwoStageFinetuning(1, "blocks.5"), resumed_cache], epochs=3, ckpt_path=last)
+    fit(
+        make_module(dm),
+        dm,
+        tmp_path / "a",
+        [TwoStageFinetuning(1, "blocks.5"), resumed_cache],
+        epochs=3,
+        ckpt_path=last,
+    )
     assert not resumed_cache.builds  # the suffix moved, the prefix did not: same prefix key
     assert sorted(Path(p).name.split("-")[1] for p in resumed_cache.hits) == ["prefix5", "prefix5"]
 

@@ -26,9 +26,14 @@ def test_fast_dev_run_timm_backbone(compose_train, image_folder: Path) -> None:
     assert "test/f1_macro" in metrics
 
 
-def test_run_dir_has_checkpoint_events_config_and_metrics(compose_train, image_folder: Path, tmp_path: Path) -> None:
+def test_run_dir_has_checkpoint_events_config_and_metrics(
+    compose_train, image_folder: Path, tmp_path: Path
+) -> None:
     cfg = compose_train(
-        "model=scratch_baseline", "trainer.max_epochs=2", "optimizer.lr=3e-3", "model.scratch.widths=[8,16]",
+        "model=scratch_baseline",
+        "trainer.max_epochs=2",
+        "optimizer.lr=3e-3",
+        "model.scratch.widths=[8,16]",
         root=image_folder,
     )
     value, metrics = train(cfg)
@@ -57,7 +62,9 @@ def test_run_dir_has_checkpoint_events_config_and_metrics(compose_train, image_f
 def test_resume_continues_from_last_checkpoint(compose_train, image_folder: Path, tmp_path: Path) -> None:
     common = ("model=scratch_baseline", "model.scratch.widths=[8]", "test=false")
     interrupted = tmp_path / "lightning_logs" / "runs" / "interrupted"
-    train(compose_train(*common, "trainer.max_epochs=1", f"paths.output_dir={interrupted}", root=image_folder))
+    train(
+        compose_train(*common, "trainer.max_epochs=1", f"paths.output_dir={interrupted}", root=image_folder)
+    )
     first = torch.load(interrupted / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert first["epoch"] == 0
 
@@ -81,7 +88,10 @@ def test_missing_checkpoint_is_a_clear_error(compose_train, image_folder: Path) 
 def test_real_photos_smoke(compose_train) -> None:
     """A few batches of real Food-101 photos through the default recipe at a small size."""
     cfg = compose_train(
-        f"data.root={SHARED_MINI}", "debug=limit", "data.image_size=64", "trainer.max_epochs=1",
+        f"data.root={SHARED_MINI}",
+        "debug=limit",
+        "data.image_size=64",
+        "trainer.max_epochs=1",
         "data.max_per_class.test=4",
     )
     _, metrics = train(cfg)

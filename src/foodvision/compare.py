@@ -402,7 +402,7 @@ def compare(cfg: DictConfig) -> list[dict[str, Any]]:
     run_dirs = find_runs([str(r) for r in runs])
     if cfg.get("output_dir"):
         out = Path(cfg.output_dir)
-    elif len(runs) == 1 and not is_run_dir(Path(str(runs[0]))):
+    elif len(runs) == 1:  # the folder compared (a folder of runs, or one run dir)
         out = Path(str(runs[0]))
     else:
         out = Path(os.path.commonpath([str(p.resolve().parent) for p in run_dirs]))

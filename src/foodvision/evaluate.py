@@ -194,8 +194,14 @@ def curves_figure(curves: Mapping[str, list[tuple[int, float]]], title: str):
     if val_acc:
         best_epoch, best = max(val_acc, key=lambda p: (p[1], -p[0]))
         axes[1].axvline(best_epoch + 1, color="grey", linestyle=":", linewidth=1)
+        last = best_epoch == max(e for e, _ in val_acc)
         axes[1].annotate(
-            f"best val {best:.3f}", (best_epoch + 1, best), textcoords="offset points", xytext=(4, -12)
+            f"best val {best:.3f}",
+            (best_epoch + 1, best),
+            textcoords="offset points",
+            xytext=(-4 if last else 4, -12),
+            ha="right" if last else "left",
+            bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8, "pad": 1},
         )
     for ax in axes:
         ax.xaxis.get_major_locator().set_params(integer=True)
@@ -333,9 +339,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         ["true \\ predicted", *names],
         [[name, *map(int, confusion[i])] for i, name in enumerate(names)],
     )
-    title = (
-        f"{split} confusion (row-normalised) - {predictor.info.architecture}, acc {metrics['accuracy']:.3f}"
-    )
+    title = f"{split} confusion (row-normalised)\n{predictor.info.architecture}, accuracy {metrics['accuracy']:.3f}"
     save_figure(confusion_figure(confusion, names, title), out / "confusion_matrix.png")
 
     rows = [

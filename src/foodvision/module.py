@@ -81,7 +81,9 @@ class LitClassifier(L.LightningModule):
         weights = resolve_class_weights(class_weights, class_counts, num_classes)
         loss_weights = None if weights is None else torch.tensor(weights, dtype=torch.float32)
         self.register_buffer("loss_weights", loss_weights, persistent=False)
-        self.metrics = nn.ModuleDict({f"{s}_": summary_metrics(num_classes) for s in ("train", "val", "test")})
+        self.metrics = nn.ModuleDict(
+            {f"{s}_": summary_metrics(num_classes) for s in ("train", "val", "test")}
+        )
         self.detailed = nn.ModuleDict({f"{s}_": per_class_metrics(num_classes) for s in ("val", "test")})
         if channels_last:
             self.net.to(memory_format=torch.channels_last)
@@ -184,7 +186,11 @@ class LitClassifier(L.LightningModule):
         weight_decay = float(cfg.pop("weight_decay", 0.0))
         groups = [
             {"params": list(self.net.head.parameters()), "lr": lr, "name": "head"},
-            {"params": list(self.net.backbone.parameters()), "lr": lr * self.hparams.backbone_lr_factor, "name": "backbone"},
+            {
+                "params": list(self.net.backbone.parameters()),
+                "lr": lr * self.hparams.backbone_lr_factor,
+                "name": "backbone",
+            },
         ]
         groups = [g for g in groups if g["params"]]
         if name == "adam":
@@ -192,7 +198,9 @@ class LitClassifier(L.LightningModule):
         elif name == "adamw":
             optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, **cfg)
         elif name == "sgd":
-            optimizer = torch.optim.SGD(groups, lr=lr, weight_decay=weight_decay, momentum=cfg.pop("momentum", 0.9), **cfg)
+            optimizer = torch.optim.SGD(
+                groups, lr=lr, weight_decay=weight_decay, momentum=cfg.pop("momentum", 0.9), **cfg
+            )
         else:
             raise ValueError(f"optimizer.name must be adam, adamw or sgd, got {name!r}")
         scheduler = self._scheduler(optimizer)
@@ -205,7 +213,9 @@ class LitClassifier(L.LightningModule):
             return None
         if name == "cosine":
             epochs = max(1, int(self.hparams.max_epochs or self.trainer.max_epochs or 1))
-            sched = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs, eta_min=cfg.get("min_lr", 0.0))
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(
+                optimizer, T_max=epochs, eta_min=cfg.get("min_lr", 0.0)
+            )
             return {"scheduler": sched, "interval": "epoch"}
         if name == "plateau":
             sched = torch.optim.lr_scheduler.ReduceLROnPlateau(

@@ -131,8 +131,10 @@ def format_table(rows: Sequence[dict[str, Any]], failed: Sequence[tuple[str, str
     else:
         k = len(rows[0]["predictions"])
         header = ["file"] + [f"top-{i + 1}" for i in range(k)]
+        name_width = max(len(p["class"]) for r in rows for p in r["predictions"])
         cells = [
-            [r["file"]] + [f"{p['class']} {p['probability']:6.1%}" for p in r["predictions"]] for r in rows
+            [r["file"]] + [f"{p['class']:<{name_width}} {p['probability']:6.1%}" for p in r["predictions"]]
+            for r in rows
         ]
         widths = [max(len(line[i]) for line in [header, *cells]) for i in range(len(header))]
         lines = [

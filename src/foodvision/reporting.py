@@ -14,7 +14,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 
-def confusion_figure(confusion: Any, class_names: Sequence[str], title: str = "Confusion matrix (row-normalised)"):
+def confusion_figure(
+    confusion: Any, class_names: Sequence[str], title: str = "Confusion matrix (row-normalised)"
+):
     """Row-normalised matrix with class names on both axes; size and fonts scale so 101 classes stay readable."""
     matrix = np.asarray(confusion, dtype=np.float64)
     rows = matrix.sum(axis=1, keepdims=True)
@@ -34,7 +36,15 @@ def confusion_figure(confusion: Any, class_names: Sequence[str], title: str = "C
             for j in range(n):
                 if matrix[i, j]:
                     colour = "white" if normalised[i, j] > 0.5 else "black"
-                    ax.text(j, i, f"{normalised[i, j]:.2f}", ha="center", va="center", fontsize=font * 0.8, color=colour)
+                    ax.text(
+                        j,
+                        i,
+                        f"{normalised[i, j]:.2f}",
+                        ha="center",
+                        va="center",
+                        fontsize=font * 0.8,
+                        color=colour,
+                    )
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
     return fig
@@ -51,17 +61,25 @@ def save_figure(fig, path: str | Path) -> Path:
 def per_class_markdown(per_class: Mapping[str, Mapping[str, float]]) -> str:
     lines = ["| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
     for name, row in per_class.items():
-        lines.append(f"| {name} | {row['precision']:.3f} | {row['recall']:.3f} | {row['f1']:.3f} | {row['support']} |")
+        lines.append(
+            f"| {name} | {row['precision']:.3f} | {row['recall']:.3f} | {row['f1']:.3f} | {row['support']} |"
+        )
     return "\n".join(lines)
 
 
-def log_confusion_to_loggers(module: Any, stage: str, confusion: torch.Tensor, per_class: Mapping[str, Any]) -> None:
+def log_confusion_to_loggers(
+    module: Any, stage: str, confusion: torch.Tensor, per_class: Mapping[str, Any]
+) -> None:
     """Confusion matrix as an image and the per-class table as text, in every TensorBoard logger."""
     from lightning.pytorch.loggers import TensorBoardLogger
 
     for logger in module.loggers:
         if isinstance(logger, TensorBoardLogger):
-            fig = confusion_figure(confusion.numpy(), module.class_names, f"{stage} confusion (row-normalised)")
+            fig = confusion_figure(
+                confusion.numpy(), module.class_names, f"{stage} confusion (row-normalised)"
+            )
             logger.experiment.add_figure(f"{stage}/confusion_matrix", fig, global_step=module.current_epoch)
             plt.close(fig)
-            logger.experiment.add_text(f"{stage}/per_class", per_class_markdown(per_class), global_step=module.current_epoch)
+            logger.experiment.add_text(
+                f"{stage}/per_class", per_class_markdown(per_class), global_step=module.current_epoch
+            )

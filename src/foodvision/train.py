@@ -111,7 +111,8 @@ def train(cfg: DictConfig) -> tuple[float | None, dict[str, Any]]:
     datamodule.preprocessing = module.preprocessing
     loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values() if c and "_target_" in c]
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=build_callbacks(cfg), logger=loggers or False)
-    OmegaConf.save(cfg, run_dir / "config.yaml")
+    if trainer.is_global_zero:
+        OmegaConf.save(cfg, run_dir / "config.yaml")
     for logger in loggers:
         logger.log_hyperparams(_flat_hparams(cfg, datamodule, module))
     log.info("classes (%d): %s", datamodule.num_classes, ", ".join(datamodule.classes))

@@ -60,7 +60,12 @@ def image_list_digest(paths: list[str]) -> str:
 
 
 def feature_cache_key(
-    model_name: str, weights_digest: str, preprocessing: dict[str, Any], paths: list[str], precision: str, output: str
+    model_name: str,
+    weights_digest: str,
+    preprocessing: dict[str, Any],
+    paths: list[str],
+    precision: str,
+    output: str,
 ) -> str:
     """Everything the cached features depend on; nothing else (batch size, lr, epochs...) is in it."""
     payload = {
@@ -122,7 +127,9 @@ class FeatureCache(Callback):
     caches. ``prefix=false`` keeps stage 2 on images.
     """
 
-    def __init__(self, enabled: str | bool = "auto", cache_dir: str = "data/cache/features", prefix: bool = True):
+    def __init__(
+        self, enabled: str | bool = "auto", cache_dir: str = "data/cache/features", prefix: bool = True
+    ):
         super().__init__()
         self.enabled = enabled
         self.cache_dir = Path(cache_dir)
@@ -138,7 +145,12 @@ class FeatureCache(Callback):
 
     def _prefix_depth(self, trainer: L.Trainer, pl_module: L.LightningModule) -> int | None:
         finetune = self._finetune(trainer)
-        if not self.prefix or finetune is None or not finetune.unfrozen_groups or trainer.datamodule.augmented:
+        if (
+            not self.prefix
+            or finetune is None
+            or not finetune.unfrozen_groups
+            or trainer.datamodule.augmented
+        ):
             return None
         return pl_module.net.prefix_depth(finetune.unfrozen_groups[0])
 
@@ -151,7 +163,9 @@ class FeatureCache(Callback):
         stage = finetune.stage_at(finetune.first_epoch(trainer))
         if stage == 1:
             if self.enabled == "auto" and datamodule.augmented:
-                log.info("feature cache off: training images are augmented (feature_cache.enabled=true forces it)")
+                log.info(
+                    "feature cache off: training images are augmented (feature_cache.enabled=true forces it)"
+                )
                 return
             for split in ("train", "val"):
                 datamodule.cached_features[split] = self.load_or_build(trainer, pl_module, split, "pooled")
@@ -168,7 +182,9 @@ class FeatureCache(Callback):
         pl_module.prefix_depth = self.depth
         self.mode = "prefix"
 
-    def load_or_build(self, trainer: L.Trainer, pl_module: L.LightningModule, split: str, output: str) -> TensorDataset:
+    def load_or_build(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, split: str, output: str
+    ) -> TensorDataset:
         """``output`` is ``pooled`` or ``prefixK``; building the pooled features also stores the prefix maps
         (same pass) when stage 2 will use them."""
         datamodule = trainer.datamodule
@@ -181,15 +197,24 @@ class FeatureCache(Callback):
         prefix_path = None
         if self.depth is not None:
             prefix_key = feature_cache_key(
-                name, state_digest(backbone, in_prefix(self.depth)), pre, paths, precision, f"prefix{self.depth}"
+                name,
+                state_digest(backbone, in_prefix(self.depth)),
+                pre,
+                paths,
+                precision,
+                f"prefix{self.depth}",
             )
             prefix_path = self.cache_dir / f"{split}-prefix{self.depth}-{prefix_key}.pt"
         wanted = pooled_path if output == "pooled" else prefix_path
         assert wanted is not None
         if trainer.is_global_zero and not wanted.is_file():
-            loader = datamodule.loader(datamodule.image_dataset(split), shuffle=False, batch_size=datamodule.eval_batch_size)
+            loader = datamodule.loader(
+                datamodule.image_dataset(split), shuffle=False, batch_size=datamodule.eval_batch_size
+            )
             context = trainer.precision_plugin.forward_context
-            features, labels, maps = extract_features(pl_module, loader, context, f"caching {split} features", self.depth)
+            features, labels, maps = extract_features(
+                pl_module, loader, context, f"caching {split} features", self.depth
+            )
             if output == "pooled":
                 self._save(pooled_path, {"features": features, "labels": labels})
             if maps is not None and prefix_path is not None:
@@ -233,6 +258,7 @@ class FeatureCache(Callback):
         pl_module.prefix_depth = None
         self._prefix_maps.clear()
         self.mode = None
+
 
 def request_dataloader_reload(trainer: L.Trainer) -> None:
     """Make the fit loop rebuild its train and val loaders before the next epoch.

@@ -30,6 +30,10 @@ log = logging.getLogger(__name__)
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
 
 
+def norm_layers(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(name, m) for name, m in module.named_modules() if isinstance(m, NORM_TYPES)]
+
+
 def select_groups(groups: list[BlockGroup], unfreeze: str | int | None) -> list[BlockGroup]:
     """The block groups that stage 2 trains: ``none``, ``all``, the top ``N`` groups, or from a named block up."""
     if unfreeze in (None, "none", 0, "0"):
@@ -43,7 +47,9 @@ def select_groups(groups: list[BlockGroup], unfreeze: str | int | None) -> list[
         return groups[len(groups) - count :]
     names = [g.name for g in groups]
     if unfreeze not in names:
-        raise ValueError(f"finetune.unfreeze={unfreeze!r} is not a block of this backbone; blocks are {names}")
+        raise ValueError(
+            f"finetune.unfreeze={unfreeze!r} is not a block of this backbone; blocks are {names}"
+        )
     return groups[names.index(str(unfreeze)) :]
 
 
@@ -80,7 +86,6 @@ class TwoStageFinetuning(Callback):
         self.resume_epoch: int | None = None
         self.unfrozen_groups: list[str] = []
         self._stage2_params: set[str] = set()
-        self._norm_modules: list[tuple[str, nn.Module]] = []
         self._norm_params: set[str] = set()
 
     # ---- which stage ------------------------------------------------------------------------
@@ -97,9 +102,10 @@ class TwoStageFinetuning(Callback):
         selected = select_groups(pl_module.net.block_groups(), self.unfreeze)
         self.unfrozen_groups = [g.name for g in selected]
         self._stage2_params = {name for g in selected for name in g.parameter_names}
-        self._norm_modules = [(n, m) for n, m in backbone.named_modules() if isinstance(m, NORM_TYPES)]
         self._norm_params = {
-            f"{n}.{p}" if n else p for n, m in self._norm_modules for p, _ in m.named_parameters(recurse=False)
+            f"{n}.{p}" if n else p
+            for n, m in norm_layers(backbone)
+            for p, _ in m.named_parameters(recurse=False)
         }
         self.apply(pl_module, self.stage_at(trainer.current_epoch))
 
@@ -108,7 +114,8 @@ class TwoStageFinetuning(Callback):
         backbone = pl_module.net.backbone
         for name, parameter in backbone.named_parameters():
             parameter.requires_grad_(self._trains(name, stage))
-        for name, module in self._norm_modules:
+        # Looked up each time: DDP's sync_batchnorm replaces the layers after setup().
+        for name, module in norm_layers(backbone):
             params = [f"{name}.{p}" if name else p for p, _ in module.named_parameters(recurse=False)]
             trains = bool(params) and all(self._trains(p, stage) for p in params)
             if not trains:
@@ -129,14 +136,15 @@ class TwoStageFinetuning(Callback):
         backbone_total = sum(p.numel() for p in net.backbone.parameters())
         backbone_trainable = sum(p.numel() for p in net.backbone.parameters() if p.requires_grad)
         head_total = sum(p.numel() for p in net.head.parameters())
-        frozen_norms = sum(1 for _, m in self._norm_modules if not m.training)
+        norms = norm_layers(net.backbone)
+        frozen_norms = sum(1 for _, m in norms if not m.training)
         what = "backbone frozen" if stage == 1 else f"unfrozen: {', '.join(self.unfrozen_groups)}"
         table = (
             f"\nfine-tuning stage {stage} ({what}; BatchNorm {'trains' if self.train_bn else 'frozen'})\n"
             f"  {'part':<10}{'trainable':>12}{'frozen':>12}\n"
             f"  {'backbone':<10}{backbone_trainable:>12,}{backbone_total - backbone_trainable:>12,}\n"
             f"  {'head':<10}{head_total:>12,}{0:>12,}\n"
-            f"  frozen norm layers in eval mode: {frozen_norms}/{len(self._norm_modules)}"
+            f"  frozen norm layers in eval mode: {frozen_norms}/{len(norms)}"
         )
         log.info(table)
         if pl_module._trainer is not None and pl_module.trainer.logger is not None:
@@ -177,14 +185,20 @@ class TwoStageFinetuning(Callback):
         limit = self.stage1_epochs if self.stage1_epochs is not None else float("inf")
         if self._bad_epochs >= self.patience or trainer.current_epoch + 1 >= limit:
             self.switch_epoch = trainer.current_epoch + 1
-            log.info("stage 1 ends after epoch %d (%s stopped improving)", trainer.current_epoch, self.monitor)
+            log.info(
+                "stage 1 ends after epoch %d (%s stopped improving)", trainer.current_epoch, self.monitor
+            )
         else:
             self.switch_epoch = None
 
     # ---- checkpoint -------------------------------------------------------------------------
-    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+    def on_load_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         """Remember which epoch the run resumes at: ``on_fit_start`` comes before Lightning restores the loops."""
-        progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {})
+        progress = (
+            checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {})
+        )
         self.resume_epoch = int(progress.get("processed", checkpoint.get("epoch", 0)))
 
     def first_epoch(self, trainer: L.Trainer) -> int:

@@ -10,11 +10,12 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from foodvision.data.balance import balance_samples, check_balance_mode, class_counts
 from foodvision.data.datasets import ImageListDataset, collate_skipping_none, read_bad_images_log
-from foodvision.data.sources import DatasetSplits, DataLayoutError, discover_food101, discover_image_folder
+from foodvision.data.sources import DataLayoutError, DatasetSplits, discover_food101, discover_image_folder
 from foodvision.data.splits import SPLITS, write_split_file
 from foodvision.data.transforms import Preprocessing, build_train_transform
 
@@ -111,11 +112,13 @@ class FoodDataModule(L.LightningDataModule):
         if self.source == "food101":
             if self.download and not (root / "meta" / "classes.txt").is_file():
                 root = download_food101(root)
-            self.data = discover_food101(root, self.val_fraction, self.seed, self.classes_subset, self.max_per_class)
+            self.data = discover_food101(
+                root, self.val_fraction, self.seed, self.classes_subset, self.max_per_class
+            )
         else:
             self.data = discover_image_folder(root, self.fractions, self.seed)
         log.info("data: %s; %d classes; %s", self.data.origin, len(self.data.classes), self.data.counts())
-        if self.output_dir is not None:
+        if self.output_dir is not None and rank_zero_only.rank == 0:
             write_split_file(self.output_dir / "splits.csv", self.data.splits, self.data.classes)
         if self.balance != "none":  # train only, after splits.csv (which records the split itself)
             before = class_counts(self.data.splits["train"], len(self.data.classes))
@@ -164,7 +167,9 @@ class FoodDataModule(L.LightningDataModule):
         """A split's images with the eval transform (or the train transform when ``augmented``)."""
         assert self.preprocessing is not None
         transform = (
-            build_train_transform(self.preprocessing, self.augment) if augmented else self.preprocessing.eval_transform()
+            build_train_transform(self.preprocessing, self.augment)
+            if augmented
+            else self.preprocessing.eval_transform()
         )
         return ImageListDataset(
             self.discover().splits[split],

@@ -53,7 +53,9 @@ def class_folder_files(root: str | Path) -> dict[str, list[str]]:
 _class_folders = class_folder_files
 
 
-def _split_images(files_by_class: dict[str, list[str]], where: Path) -> tuple[dict[str, list[str]], list[str]]:
+def _split_images(
+    files_by_class: dict[str, list[str]], where: Path
+) -> tuple[dict[str, list[str]], list[str]]:
     images = {c: [f for f in fs if is_image_file(f)] for c, fs in files_by_class.items()}
     ignored = [f for fs in files_by_class.values() for f in fs if not is_image_file(f)]
     empty = [c for c, fs in images.items() if not fs]
@@ -97,12 +99,16 @@ def discover_image_folder(root: str | Path, fractions: Sequence[float], seed: in
     """
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise DataLayoutError(f"data root {root} does not exist (set data.root=... to a class-per-folder tree)")
+        raise DataLayoutError(
+            f"data root {root} does not exist (set data.root=... to a class-per-folder tree)"
+        )
     folders = {s: _find_split_folder(root, s) for s in SPLITS}
     ignored: list[str] = []
     if folders["train"] is None:
         if any(folders.values()):
-            raise DataLayoutError(f"{root} has {[str(p.name) for p in folders.values() if p]} but no train/ folder")
+            raise DataLayoutError(
+                f"{root} has {[str(p.name) for p in folders.values() if p]} but no train/ folder"
+            )
         images, ignored = _split_images(_class_folders(root), root)
         if not images:
             raise DataLayoutError(f"{root} has no class sub-folders with images")
@@ -125,7 +131,9 @@ def discover_image_folder(root: str | Path, fractions: Sequence[float], seed: in
             wanted = [fractions[SPLITS.index(n)] for n in names]
             carved = stratified_split(per_split["train"], [w / sum(wanted) for w in wanted], seed, names)
             by_split.update(carved)
-        origin = f"split folders under {root}" + (f"; {generated} carved from train (seed {seed})" if generated else "")
+        origin = f"split folders under {root}" + (
+            f"; {generated} carved from train (seed {seed})" if generated else ""
+        )
     index = {c: i for i, c in enumerate(classes)}
     splits = {s: [(f, index[c]) for c in classes for f in by_split[s].get(c, [])] for s in SPLITS}
     if ignored:

@@ -61,7 +61,9 @@ def cap_per_class(files: Sequence[str], cap: int | None, seed: int, class_name: 
     return sorted(random.Random(f"cap:{seed}:{class_name}").sample(files, cap))
 
 
-def write_split_file(path: str | Path, splits: Mapping[str, Sequence[Sample]], classes: Sequence[str]) -> Path:
+def write_split_file(
+    path: str | Path, splits: Mapping[str, Sequence[Sample]], classes: Sequence[str]
+) -> Path:
     """Write ``split,class,path`` rows so a split can be audited and reproduced."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -8,8 +8,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import v2
+from torchvision.transforms import InterpolationMode, v2
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -93,7 +92,9 @@ def build_train_transform(pre: Preprocessing, augment: Mapping[str, Any] | None)
             else v2.TrivialAugmentWide(interpolation=interpolation)
         )
         steps = [
-            v2.RandomResizedCrop(pre.image_size, scale=(augment.get("min_scale", 0.35), 1.0), interpolation=interpolation),
+            v2.RandomResizedCrop(
+                pre.image_size, scale=(augment.get("min_scale", 0.35), 1.0), interpolation=interpolation
+            ),
             v2.RandomHorizontalFlip(),
             policy,
             *pre.tensor_steps(),
@@ -113,5 +114,9 @@ def build_train_transform(pre: Preprocessing, augment: Mapping[str, Any] | None)
         )
     )
     if name == "light":
-        steps.append(v2.ColorJitter(brightness=augment.get("brightness", 0.2), saturation=augment.get("saturation", 0.2)))
+        steps.append(
+            v2.ColorJitter(
+                brightness=augment.get("brightness", 0.2), saturation=augment.get("saturation", 0.2)
+            )
+        )
     return v2.Compose(steps + pre.tensor_steps())

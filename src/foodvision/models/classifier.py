@@ -18,7 +18,9 @@ from foodvision.models.scratch import ScratchCNN
 log = logging.getLogger(__name__)
 
 
-def build_head(num_features: int, num_classes: int, hidden: int | Sequence[int] | None, dropout: float) -> nn.Sequential:
+def build_head(
+    num_features: int, num_classes: int, hidden: int | Sequence[int] | None, dropout: float
+) -> nn.Sequential:
     """[Linear(hidden)+ReLU]* -> Dropout -> Linear(num_classes); the reference used hidden 128, dropout 0.3."""
     sizes = [] if hidden in (None, 0) else ([hidden] if isinstance(hidden, int) else list(hidden))
     layers: list[nn.Module] = []
@@ -54,7 +56,9 @@ class ImageClassifier(nn.Module):
         """How many of ``backbone.blocks`` come before ``first_trainable_group`` (``blocks.K`` -> K), when the
         backbone can be cut there (timm EfficientNet/MobileNet families); None otherwise."""
         backbone = self.backbone
-        cuttable = all(hasattr(backbone, a) for a in ("conv_stem", "bn1", "blocks", "conv_head", "bn2", "global_pool"))
+        cuttable = all(
+            hasattr(backbone, a) for a in ("conv_stem", "bn1", "blocks", "conv_head", "bn2", "global_pool")
+        )
         match = re.fullmatch(r"blocks\.(\d+)", first_trainable_group)
         return int(match.group(1)) if cuttable and match and int(match.group(1)) > 0 else None
 
@@ -110,7 +114,9 @@ def build_classifier(
     if kind == "scratch":
         size = int(image_size or 224)
         backbone = ScratchCNN(image_size=size, **dict(scratch or {}))
-        model = ImageClassifier(backbone, build_head(backbone.num_features, num_classes, hidden, dropout), backbone.num_features)
+        model = ImageClassifier(
+            backbone, build_head(backbone.num_features, num_classes, hidden, dropout), backbone.num_features
+        )
         return model, Preprocessing(image_size=size), "random init (scratch CNN)"
     if kind != "timm":
         raise ValueError(f"model.kind must be 'timm' or 'scratch', got {kind!r}")
@@ -125,6 +131,8 @@ def build_classifier(
 
         source = load_pretrained_weights(backbone, name, weights_file)
     preprocessing = Preprocessing.from_timm(timm.data.resolve_model_data_config(backbone), image_size)
-    model = ImageClassifier(backbone, build_head(backbone.num_features, num_classes, hidden, dropout), backbone.num_features)
+    model = ImageClassifier(
+        backbone, build_head(backbone.num_features, num_classes, hidden, dropout), backbone.num_features
+    )
     log.info("model %s: weights from %s", name, source)
     return model, preprocessing, source

@@ -31,7 +31,9 @@ class ScratchCNN(nn.Module):
         layers: list[nn.Module] = []
         channels = in_channels
         for width in widths:
-            layers.append(nn.Conv2d(channels, width, kernel_size, padding=kernel_size // 2, bias=not batch_norm))
+            layers.append(
+                nn.Conv2d(channels, width, kernel_size, padding=kernel_size // 2, bias=not batch_norm)
+            )
             if batch_norm:
                 layers.append(nn.BatchNorm2d(width))
             layers += [nn.ReLU(inplace=True), nn.MaxPool2d(2) if pool == "max" else nn.AvgPool2d(2)]
@@ -39,7 +41,9 @@ class ScratchCNN(nn.Module):
         self.features = nn.Sequential(*layers)
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()) if global_pool else nn.Flatten()
         with torch.no_grad():
-            self.num_features = int(self.forward(torch.zeros(1, in_channels, image_size, image_size)).shape[1])
+            self.num_features = int(
+                self.forward(torch.zeros(1, in_channels, image_size, image_size)).shape[1]
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.pool(self.features(x))
