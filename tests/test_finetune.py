@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -9,8 +10,9 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from torch.utils.data import TensorDataset
 
-from foodvision.callbacks.feature_cache import FeatureCache, extract_features
+from foodvision.callbacks.feature_cache import FeatureCache, RandomViewDataset, extract_features
 from foodvision.callbacks.finetune import TwoStageFinetuning, select_groups
 from foodvision.data.datamodule import FoodDataModule
 from foodvision.module import LitClassifier
@@ -211,20 +213,20 @@ def _cache_run(root: Path, out: Path, cache: Path, image_size: int = 32, augment
 def test_cache_hit_on_second_run_and_rebuilt_when_key_changes(image_folder: Path, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     first = _cache_run(image_folder, tmp_path / "1", cache)
-    assert len(first.builds) == 2 and not first.hits  # train and val
+    assert len(first.builds) == 3 and not first.hits  # train (photos and mirrored) and val
     second = _cache_run(image_folder, tmp_path / "2", cache)
-    assert len(second.hits) == 2 and not second.builds
+    assert len(second.hits) == 3 and not second.builds
     bigger = _cache_run(image_folder, tmp_path / "3", cache, image_size=40)
-    assert len(bigger.builds) == 2
+    assert len(bigger.builds) == 3
 
     def nudge(module: LitClassifier) -> None:
         with torch.no_grad():
             module.net.backbone.conv_stem.weight.add_(1e-3)
 
-    assert len(_cache_run(image_folder, tmp_path / "4", cache, tweak=nudge).builds) == 2
+    assert len(_cache_run(image_folder, tmp_path / "4", cache, tweak=nudge).builds) == 3
     touched = next((image_folder / "train" / "baklava").iterdir())
     os.utime(touched, ns=(touched.stat().st_atime_ns, touched.stat().st_mtime_ns + 10**9))
-    assert len(_cache_run(image_folder, tmp_path / "5", cache).builds) == 1  # only train changed
+    assert len(_cache_run(image_folder, tmp_path / "5", cache).builds) == 2  # only train (2 views) changed
 
 
 def test_cache_not_used_with_augmentation(image_folder: Path, tmp_path: Path) -> None:
@@ -259,8 +261,11 @@ def test_stage2_trains_on_cached_prefix_maps_and_resume_hits_them(image_folder: 
     dm = make_datamodule(image_folder, tmp_path)
     cache = FeatureCache("auto", str(tmp_path / "cache"))
     fit(make_module(dm), dm, tmp_path / "a", [TwoStageFinetuning(1, "blocks.5"), cache], epochs=2)
-    built = sorted(Path(p).name.split("-")[1] for p in cache.builds)
-    assert built == ["pooled", "pooled", "prefix5", "prefix5"]  # one pass per split gives both
+    built = sorted("-".join(Path(p).name.split("-")[:3]) for p in cache.builds)
+    assert built == [  # one pass per split and view gives both outputs
+        "train-pooled-flip", "train-pooled-plain", "train-prefix5-flip", "train-prefix5-plain",
+        "val-pooled-plain", "val-prefix5-plain",
+    ]  # fmt: skip
 
     resumed_cache = FeatureCache("auto", str(tmp_path / "cache"))
     last = str(tmp_path / "a" / "checkpoints" / "last.ckpt")
@@ -273,7 +278,9 @@ def test_stage2_trains_on_cached_prefix_maps_and_resume_hits_them(image_folder: 
         ckpt_path=last,
     )
     assert not resumed_cache.builds  # the suffix moved, the prefix did not: same prefix key
-    assert sorted(Path(p).name.split("-")[1] for p in resumed_cache.hits) == ["prefix5", "prefix5"]
+    assert sorted("-".join(Path(p).name.split("-")[:3]) for p in resumed_cache.hits) == [
+        "train-prefix5-flip", "train-prefix5-plain", "val-prefix5-plain",
+    ]  # fmt: skip
 
 
 def test_augmentation_keeps_stage2_on_images(image_folder: Path, tmp_path: Path) -> None:
@@ -281,3 +288,23 @@ def test_augmentation_keeps_stage2_on_images(image_folder: Path, tmp_path: Path)
     cache = FeatureCache(True, str(tmp_path / "cache"))
     fit(make_module(dm), dm, tmp_path, [TwoStageFinetuning(1, "blocks.5"), cache], epochs=1)
     assert cache.depth is None and all("pooled" in p for p in cache.builds)
+
+
+def test_mirrored_view_is_the_mirrored_photo_and_both_views_are_drawn(
+    image_folder: Path, tmp_path: Path
+) -> None:
+    dm = make_datamodule(image_folder, tmp_path)
+    module = make_module(dm).eval()
+    dm.setup("fit")
+    loader = dm.loader(dm.image_dataset("train"), shuffle=False, batch_size=64)
+    plain, labels, _ = extract_features(module, loader, contextlib.nullcontext, "plain")
+    mirrored, _, _ = extract_features(module, loader, contextlib.nullcontext, "mirrored", flip=True)
+    images, _ = next(iter(loader))
+    with torch.inference_mode():
+        assert torch.allclose(module.net.backbone(images.flip(-1)), mirrored[: len(images)], atol=1e-5)
+    assert not torch.allclose(plain, mirrored)
+
+    views = RandomViewDataset([TensorDataset(plain, labels), TensorDataset(mirrored, labels)])
+    torch.manual_seed(0)
+    drawn = {bool(torch.equal(views[0][0], mirrored[0])) for _ in range(40)}
+    assert drawn == {False, True}

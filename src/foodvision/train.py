@@ -69,7 +69,8 @@ def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
         callbacks.append(
             TwoStageFinetuning(ft.stage1_epochs, ft.unfreeze, ft.train_bn, ft.patience, lr_factor=ft.lr_factor)
         )
-        callbacks.append(FeatureCache(cfg.feature_cache.enabled, cfg.feature_cache.cache_dir))
+        fc = cfg.feature_cache
+        callbacks.append(FeatureCache(fc.enabled, fc.cache_dir, fc.get("prefix", True), fc.get("flip", True)))
     return callbacks
 
 

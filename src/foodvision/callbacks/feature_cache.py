@@ -22,7 +22,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
-from torch.utils.data import TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 from tqdm.auto import tqdm
 
 from foodvision.callbacks.finetune import TwoStageFinetuning
@@ -87,9 +87,11 @@ def extract_features(
     forward_context: Any,
     desc: str,
     depth: int | None = None,
+    flip: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Pooled backbone features, labels and (with ``depth``) the frozen prefix's feature maps of every
-    readable image of ``loader``, in order, from one pass of the backbone in eval mode."""
+    readable image of ``loader``, in order, from one pass of the backbone in eval mode (of the mirrored
+    images with ``flip``)."""
     net = pl_module.net
     was_training = net.backbone.training
     net.backbone.eval()
@@ -100,6 +102,8 @@ def extract_features(
                 continue
             images, targets = batch
             images = images.to(pl_module.device)
+            if flip:
+                images = images.flip(-1)
             if pl_module.hparams.get("channels_last", False):
                 images = images.contiguous(memory_format=torch.channels_last)
             with forward_context():
@@ -116,6 +120,22 @@ def extract_features(
     return torch.cat(pooled), torch.cat(labels), (torch.cat(maps) if maps else None)
 
 
+class RandomViewDataset(Dataset):
+    """Cached outputs of several views of the same images (e.g. plain and mirrored): a random view per
+    sample and epoch, drawn from torch's generator so a seeded run is reproducible."""
+
+    def __init__(self, views: list[TensorDataset]):
+        if len({len(v) for v in views}) != 1:
+            raise ValueError("every view needs the same samples")
+        self.views = views
+
+    def __len__(self) -> int:
+        return len(self.views[0])
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
+        return self.views[int(torch.randint(len(self.views), ()))][index]
+
+
 class FeatureCache(Callback):
     """Frozen parts of the backbone run once per split, not once per epoch; see the module docstring.
 
@@ -124,21 +144,27 @@ class FeatureCache(Callback):
     stem and first K blocks is cached too (in the same pass), and stage 2 trains the top blocks and head
     on those feature maps. ``enabled``: ``auto`` caches when the datamodule does no augmentation;
     ``true`` caches stage 1 even then (augmentation applies from stage 2 on, on images); ``false`` never
-    caches. ``prefix=false`` keeps stage 2 on images.
+    caches. ``prefix=false`` keeps stage 2 on images. ``flip`` (exact horizontal-flip augmentation) caches
+    the train split a second time from mirrored photos; each epoch draws one view per sample.
     """
 
     def __init__(
-        self, enabled: str | bool = "auto", cache_dir: str = "data/cache/features", prefix: bool = True
+        self,
+        enabled: str | bool = "auto",
+        cache_dir: str = "data/cache/features",
+        prefix: bool = True,
+        flip: bool = True,
     ):
         super().__init__()
         self.enabled = enabled
+        self.flip = flip
         self.cache_dir = Path(cache_dir)
         self.prefix = prefix
         self.mode: str | None = None  # "pooled" or "prefix" while the datamodule serves cached tensors
         self.depth: int | None = None
         self.hits: list[str] = []
         self.builds: list[str] = []
-        self._prefix_maps: dict[str, TensorDataset] = {}
+        self._prefix_maps: dict[str, list[TensorDataset]] = {}
 
     def _finetune(self, trainer: L.Trainer) -> TwoStageFinetuning | None:
         return next((c for c in trainer.callbacks if isinstance(c, TwoStageFinetuning)), None)
@@ -176,44 +202,57 @@ class FeatureCache(Callback):
     def _use_prefix_maps(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         datamodule = trainer.datamodule
         for split in ("train", "val"):
-            datamodule.cached_features[split] = self._prefix_maps.pop(split, None) or self.load_or_build(
-                trainer, pl_module, split, f"prefix{self.depth}"
-            )
+            views = self._prefix_maps.pop(split, None)
+            if views:
+                datamodule.cached_features[split] = views[0] if len(views) == 1 else RandomViewDataset(views)
+            else:
+                datamodule.cached_features[split] = self.load_or_build(
+                    trainer, pl_module, split, f"prefix{self.depth}"
+                )
         pl_module.prefix_depth = self.depth
         self.mode = "prefix"
 
     def load_or_build(
         self, trainer: L.Trainer, pl_module: L.LightningModule, split: str, output: str
+    ) -> Dataset:
+        """``output`` is ``pooled`` or ``prefixK``. With ``flip`` the train split is cached twice, from the
+        photos and from their mirror images, and each epoch draws one of the two views per sample."""
+        views = ("plain", "flip") if self.flip and split == "train" else ("plain",)
+        sets = [self._load_or_build_view(trainer, pl_module, split, output, view) for view in views]
+        return sets[0] if len(sets) == 1 else RandomViewDataset(sets)
+
+    def _load_or_build_view(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, split: str, output: str, view: str
     ) -> TensorDataset:
-        """``output`` is ``pooled`` or ``prefixK``; building the pooled features also stores the prefix maps
-        (same pass) when stage 2 will use them."""
+        """One view; building the pooled features also stores the prefix maps (same pass) when stage 2
+        will use them."""
         datamodule = trainer.datamodule
         paths = [path for path, _ in datamodule.discover().splits[split]]
         name = pl_module.hparams.model.get("name", "scratch")
         pre, precision = pl_module.preprocessing.to_dict(), str(trainer.precision)
         backbone = pl_module.net.backbone
-        key = feature_cache_key(name, state_digest(backbone), pre, paths, precision, "pooled")
-        pooled_path = self.cache_dir / f"{split}-pooled-{key}.pt"
+
+        def cache_path(kind: str, digest: str) -> Path:
+            key = feature_cache_key(name, digest, pre, paths, precision, f"{kind}:{view}")
+            return self.cache_dir / f"{split}-{kind}-{view}-{key}.pt"
+
+        pooled_path = cache_path("pooled", state_digest(backbone))
         prefix_path = None
         if self.depth is not None:
-            prefix_key = feature_cache_key(
-                name,
-                state_digest(backbone, in_prefix(self.depth)),
-                pre,
-                paths,
-                precision,
-                f"prefix{self.depth}",
-            )
-            prefix_path = self.cache_dir / f"{split}-prefix{self.depth}-{prefix_key}.pt"
+            prefix_path = cache_path(f"prefix{self.depth}", state_digest(backbone, in_prefix(self.depth)))
         wanted = pooled_path if output == "pooled" else prefix_path
         assert wanted is not None
         if trainer.is_global_zero and not wanted.is_file():
             loader = datamodule.loader(
                 datamodule.image_dataset(split), shuffle=False, batch_size=datamodule.eval_batch_size
             )
-            context = trainer.precision_plugin.forward_context
             features, labels, maps = extract_features(
-                pl_module, loader, context, f"caching {split} features", self.depth
+                pl_module,
+                loader,
+                trainer.precision_plugin.forward_context,
+                f"caching {split} features" + (" (mirrored)" if view == "flip" else ""),
+                self.depth,
+                flip=view == "flip",
             )
             if output == "pooled":
                 self._save(pooled_path, {"features": features, "labels": labels})
@@ -225,7 +264,9 @@ class FeatureCache(Callback):
         trainer.strategy.barrier("feature-cache")
         if output == "pooled" and prefix_path is not None and prefix_path.is_file():
             stored = torch.load(prefix_path, map_location="cpu", weights_only=True)
-            self._prefix_maps[split] = TensorDataset(stored["features"], stored["labels"])
+            self._prefix_maps.setdefault(split, []).append(
+                TensorDataset(stored["features"], stored["labels"])
+            )
         stored = torch.load(wanted, map_location="cpu", weights_only=True)
         return TensorDataset(stored["features"], stored["labels"])
 

@@ -11,7 +11,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset
 
 from foodvision.data.balance import balance_samples, check_balance_mode, class_counts
 from foodvision.data.datasets import ImageListDataset, collate_skipping_none, read_bad_images_log
@@ -99,7 +99,7 @@ class FoodDataModule(L.LightningDataModule):
         self.data: DatasetSplits | None = None
         self.datasets: dict[str, Dataset] = {}
         # Split name -> (features, labels): set by the feature-cache callback while the backbone is frozen.
-        self.cached_features: dict[str, TensorDataset] = {}
+        self.cached_features: dict[str, Dataset] = {}
 
     # ---- discovery -------------------------------------------------------------------------
     def discover(self) -> DatasetSplits:
@@ -185,7 +185,7 @@ class FoodDataModule(L.LightningDataModule):
 
     # ---- loaders ---------------------------------------------------------------------------
     def loader(self, dataset: Dataset, shuffle: bool, batch_size: int | None = None) -> DataLoader:
-        if isinstance(dataset, TensorDataset):  # cached features: in memory, no workers needed
+        if not isinstance(dataset, ImageListDataset):  # cached features: in memory, no workers needed
             return DataLoader(dataset, batch_size=batch_size or self.batch_size, shuffle=shuffle)
         workers = self.num_workers
         return DataLoader(
