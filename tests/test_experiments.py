@@ -52,11 +52,19 @@ EXPECTED: dict[str, dict[str, object]] = {
         "finetune.train_bn": False,
     },
     "binary": {"data.classes": ["apple_pie", "bibimbap"]},
+    "food101_effnet": {
+        "model.name": "efficientnet_b0",
+        "trainer.strategy._target_": "lightning.pytorch.strategies.DDPStrategy",
+        "finetune.stage1_epochs": 15,
+        "augment.name": "seed",
+    },
 }
 
 
 def _overrides(name: str) -> list[str]:
-    extra = ["model.pretrained=false"] if name == "effnet_two_stage" else []  # its weights need the internet
+    extra = []
+    if name in ("effnet_two_stage", "food101_effnet"):
+        extra.append("model.pretrained=false")  # efficientnet_b0 weights need the internet
     return [f"experiment={name}", "debug=fdr", *extra]
 
 
@@ -84,7 +92,7 @@ def test_experiment_epochs_and_stages() -> None:
     from hydra.core.global_hydra import GlobalHydra
 
     expected = {"scratch_baseline": 15, "mnv2_2a_features": 30, "mnv2_2b_augment": 50, "mnv2_2c_finetune": 60,
-                "effnet_two_stage": 25}  # fmt: skip
+                "effnet_two_stage": 25, "food101_effnet": 25}  # fmt: skip
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         composed = {name: compose("train", overrides=[f"experiment={name}"]) for name in expected}
@@ -94,6 +102,7 @@ def test_experiment_epochs_and_stages() -> None:
     assert composed["mnv2_2c_finetune"].finetune.stage1_epochs == 30
     assert composed["effnet_two_stage"].finetune.stage1_epochs == 15
     assert composed["mnv2_2a_features"].data.batch_size == 20
+    assert composed["food101_effnet"].feature_cache.enabled is True  # stage 1 cached, stage 2 augmented
 
 
 @pytest.mark.parametrize("name", ["scratch_decreasing", "mnv2_2c_finetune", "effnet_two_stage"])

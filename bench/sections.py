@@ -1,0 +1,964 @@
+"""The measured work of each benchmark section, run inside the section's own spawned processes.
+
+Each section is a class built in a fresh process for one *side* (``baseline``, ``ours`` or ``main``):
+``__init__`` prepares (data, model, warm-up; not timed unless said), ``run()`` does one timed repeat and
+returns plain numbers, ``finish()`` returns what is measured once (accuracy, ...). ``bench/run.py``
+interleaves the repeats of the two sides and keeps every raw number.
+
+Baseline = what a plain PyTorch script does: ``Image.open().convert('RGB')`` + torchvision
+``Resize/CenterCrop/ToTensor/Normalize``, float32, NCHW, ``torch.no_grad``, a ``DataLoader``.
+Ours = foodvision's own classes and functions (``ImageListDataset`` with JPEG draft decoding,
+``FoodDataModule.loader``, ``LitClassifier`` + ``TwoStageFinetuning`` in a Lightning ``Trainer``,
+``extract_features``, ``Predictor``/``infer_files``), channels_last, bf16 autocast where supported,
+``torch.inference_mode``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torchvision import transforms as T
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL_NAME = "mobilenetv2_100"
+HEAD = {"hidden": 128, "dropout": 0.3}
+STAGE2_UNFREEZE = "blocks.5"  # timm mobilenetv2: blocks.5, blocks.6 (+ conv_head/bn2): the default recipe
+STAGE2_TRAINABLE = ("blocks.5.", "blocks.6.", "conv_head.")  # BatchNorm stays frozen, as in the recipe
+
+for _pattern in (
+    r".*does not have many workers.*",
+    r".*module\(s\) in eval mode.*",
+    r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",
+    r".*validation_step.*",
+    r".*val_dataloader.*",
+    r".*GPU available but not used.*",
+):
+    warnings.filterwarnings("ignore", message=_pattern)
+
+
+# ---- shared helpers ------------------------------------------------------------------------------------
+def setup_process(cfg: dict[str, Any]) -> None:
+    """Threads, quiet libraries: called first in every section process."""
+    import multiprocessing
+
+    # A spawned process inherits "spawn" as its start method; DataLoader workers should start the way they do
+    # in a plain script (the platform default, fork on Linux), or each worker would re-import torch.
+    multiprocessing.set_start_method(None, force=True)
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(int(cfg["threads"]))
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "foodvision", "timm"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def quiet_lightning() -> None:
+    """Lightning sets its loggers to INFO when imported: silence them after that."""
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def say(cfg: dict[str, Any], message: str) -> None:
+    print(f"    [{cfg['label']}] {message}", flush=True)
+
+
+def device_of(cfg: dict[str, Any]) -> torch.device:
+    return torch.device(cfg.get("device", "cpu"))
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def precision_for(device: torch.device) -> str:
+    """foodvision's choice: ``bf16`` where the hardware runs it natively, else ``32``."""
+    from foodvision.inference import resolve_precision
+
+    return resolve_precision("auto", device)
+
+
+def trainer_precision(device: torch.device) -> str:
+    from foodvision.train import resolve_precision
+
+    return str(resolve_precision("auto", "gpu" if device.type == "cuda" else "cpu"))
+
+
+def load_splits(root: str | Path) -> Any:
+    """Food-101 layout via ``discover_food101(root, 0.1, 42)``; any class-per-folder tree otherwise."""
+    from foodvision.data.sources import discover_food101, discover_image_folder
+
+    root = Path(root)
+    if (root / "meta" / "classes.txt").is_file():
+        return discover_food101(root, 0.1, 42)
+    return discover_image_folder(root, (0.7, 0.15, 0.15), 42)
+
+
+def pick(samples: list[tuple[str, int]], count: int, seed: int = 0) -> list[tuple[str, int]]:
+    """``count`` samples in a seeded random order (repeating the list when it is shorter)."""
+    if not samples:
+        raise ValueError("no samples to benchmark on")
+    order = list(samples)
+    random.Random(seed).shuffle(order)
+    chosen = order[:count]
+    while len(chosen) < count:
+        chosen += order[: count - len(chosen)]
+    return chosen
+
+
+def warm_page_cache(samples: list[tuple[str, int]]) -> None:
+    """Read every file once so neither side pays the first disk read."""
+    for path, _ in samples:
+        with open(path, "rb") as handle:
+            while handle.read(1 << 20):
+                pass
+
+
+def build_model(num_classes: int, image_size: int) -> tuple[nn.Module, Any, str]:
+    """MobileNetV2 with the reference head, offline ImageNet weights (random ones, noted, if absent)."""
+    from foodvision.models.classifier import build_classifier
+
+    kwargs = {"kind": "timm", "name": MODEL_NAME, "head": HEAD, "image_size": image_size}
+    try:
+        return build_classifier(num_classes, pretrained=True, **kwargs)
+    except RuntimeError as error:  # PretrainedWeightsError: speed does not depend on the weights
+        model, pre, _ = build_classifier(num_classes, pretrained=False, **kwargs)
+        return model, pre, f"random init (no offline weights: {str(error).splitlines()[0][:120]})"
+
+
+def preprocessing_for(image_size: int) -> Any:
+    """What ``build_classifier`` gives the model (timm's pretrained config), without building a model."""
+    import timm
+
+    from foodvision.data.transforms import Preprocessing
+
+    return Preprocessing.from_timm(timm.models.get_pretrained_cfg(MODEL_NAME).to_dict(), image_size)
+
+
+def lit_module(num_classes: int, classes: list[str], image_size: int) -> Any:
+    from foodvision.module import LitClassifier
+
+    model = {"kind": "timm", "name": MODEL_NAME, "pretrained": True, "head": HEAD, "image_size": image_size}
+    try:
+        return LitClassifier(num_classes, classes, model=model, channels_last=True)
+    except RuntimeError:
+        return LitClassifier(num_classes, classes, model={**model, "pretrained": False}, channels_last=True)
+
+
+class PlainImageDataset(Dataset):
+    """The baseline: ``Image.open().convert('RGB')`` and the classic torchvision eval transform."""
+
+    def __init__(
+        self,
+        samples: list[tuple[str, int]],
+        resize: int,
+        crop: int,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+    ):
+        self.samples = list(samples)
+        self.transform = T.Compose(
+            [T.Resize(resize), T.CenterCrop(crop), T.ToTensor(), T.Normalize(list(mean), list(std))]
+        )
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        path, label = self.samples[index]
+        image = Image.open(path).convert("RGB")
+        return self.transform(image), label
+
+
+def plain_loader(
+    samples: list[tuple[str, int]], pre: Any, batch: int, workers: int, shuffle: bool = False
+) -> DataLoader:
+    dataset = PlainImageDataset(samples, pre.resize_size, pre.image_size, pre.mean, pre.std)
+    return DataLoader(dataset, batch_size=batch, shuffle=shuffle, num_workers=workers)
+
+
+def datamodule(cfg: dict[str, Any], batch: int) -> Any:
+    """A ``FoodDataModule`` only for its ``loader()`` (the loaders foodvision trains and extracts with)."""
+    from foodvision.data.datamodule import FoodDataModule
+
+    return FoodDataModule(
+        root=str(cfg["data_root"]),
+        batch_size=batch,
+        eval_batch_size=batch,
+        num_workers=int(cfg["workers"]),
+        persistent_workers=False,  # new workers every repeat, as for the baseline
+        seed=0,
+    )
+
+
+def ours_loader(
+    cfg: dict[str, Any], samples: list[tuple[str, int]], pre: Any, batch: int, shuffle: bool = False
+) -> DataLoader:
+    from foodvision.data.datasets import ImageListDataset
+
+    dataset = ImageListDataset(samples, pre.eval_transform(), draft_size=pre.resize_size)
+    return datamodule(cfg, batch).loader(dataset, shuffle=shuffle, batch_size=batch)
+
+
+def load_all(loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor]:
+    images, labels = [], []
+    for batch in loader:
+        if batch is None:
+            continue
+        images.append(batch[0])
+        labels.append(torch.as_tensor(batch[1]))
+    return torch.cat(images), torch.cat(labels)
+
+
+def tile(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    """``rows`` rows made by repeating ``tensor`` (compute on cached tensors does not depend on values)."""
+    reps = math.ceil(rows / len(tensor))
+    return tensor.repeat(reps, *([1] * (tensor.dim() - 1)))[:rows].contiguous()
+
+
+def maxrss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def side_info(cfg: dict[str, Any]) -> dict[str, Any]:
+    return {"threads": torch.get_num_threads(), "device": cfg.get("device", "cpu")}
+
+
+def epoch_timer(device: torch.device) -> Any:
+    """A Lightning callback that records the seconds of each training epoch (first to last batch)."""
+    import lightning as L
+
+    class EpochTimer(L.Callback):
+        def __init__(self) -> None:
+            self.seconds: list[float] = []
+            self.started = 0.0
+
+        def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+            sync(device)
+            self.started = time.perf_counter()
+
+        def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+            sync(device)
+            self.seconds.append(time.perf_counter() - self.started)
+
+    return EpochTimer()
+
+
+def fit_one_epoch(module: Any, loader: DataLoader, finetune: Any, device: torch.device) -> dict[str, float]:
+    """One training epoch of foodvision's LitClassifier in a Lightning Trainer, as ``train.py`` runs it."""
+    import lightning as L
+
+    quiet_lightning()
+    timer = epoch_timer(device)
+    trainer = L.Trainer(
+        accelerator="gpu" if device.type == "cuda" else "cpu",
+        devices=1,
+        max_epochs=1,
+        precision=trainer_precision(device),
+        callbacks=[finetune, timer],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )
+    started = time.perf_counter()
+    trainer.fit(module, train_dataloaders=loader)
+    return {"epoch_seconds": timer.seconds[-1], "fit_seconds": time.perf_counter() - started}
+
+
+# ---- 1. matmul_peak -------------------------------------------------------------------------------------
+class MatmulPeak:
+    """GFLOP/s of ``torch.mm`` n x n in float32 and bfloat16: the physical limit the models are compared to."""
+
+    def __init__(self, side: str, cfg: dict[str, Any]):
+        self.cfg = cfg
+        self.device = device_of(cfg)
+        self.n = int(cfg["matmul_size"])
+        generator = torch.Generator().manual_seed(0)
+        self.inputs = {}
+        self.iterations = {}
+        for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+            a = torch.randn(self.n, self.n, generator=generator).to(self.device, dtype)
+            b = torch.randn(self.n, self.n, generator=generator).to(self.device, dtype)
+            self.inputs[name] = (a, b)
+            torch.mm(a, b)  # warm-up
+            sync(self.device)
+            started = time.perf_counter()
+            torch.mm(a, b)
+            sync(self.device)
+            once = max(time.perf_counter() - started, 1e-6)
+            target = float(cfg["matmul_seconds"])
+            self.iterations[name] = max(1, min(200, math.ceil(target / once)))
+        say(cfg, f"{self.n}x{self.n}, iterations per repeat {self.iterations}")
+
+    def run(self) -> dict[str, Any]:
+        result: dict[str, Any] = {}
+        for name, (a, b) in self.inputs.items():
+            iterations = self.iterations[name]
+            sync(self.device)
+            started = time.perf_counter()
+            for _ in range(iterations):
+                torch.mm(a, b)
+            sync(self.device)
+            seconds = time.perf_counter() - started
+            result[f"{name}_gflops"] = 2.0 * self.n**3 * iterations / seconds / 1e9
+            result[f"{name}_seconds"] = seconds
+        return result
+
+    def finish(self) -> dict[str, Any]:
+        return {"size": self.n, "iterations": self.iterations}
+
+
+# ---- 2. data_loading ------------------------------------------------------------------------------------
+class DataLoading:
+    """JPEG on disk -> normalised float batch, through a DataLoader with the same workers and batch size."""
+
+    def __init__(self, side: str, cfg: dict[str, Any]):
+        self.cfg, self.side = cfg, side
+        data = load_splits(cfg["data_root"])
+        self.samples = pick(data.splits["train"], int(cfg["load_images"]))
+        self.pre = preprocessing_for(int(cfg["image_size"]))  # no model: RSS is the loading's own
+        warm_page_cache(self.samples)
+        self.batch = int(cfg["load_batch"])
+        self.loader()  # imports (lightning, for FoodDataModule) happen here, not in the first timed repeat
+
+    def loader(self) -> DataLoader:
+        if self.side == "baseline":
+            return plain_loader(self.samples, self.pre, self.batch, int(self.cfg["workers"]))
+        return ours_loader(self.cfg, self.samples, self.pre, self.batch)
+
+    def run(self) -> dict[str, Any]:
+        loader = self.loader()
+        started = time.perf_counter()
+        count = 0
+        shape = None
+        for batch in loader:  # worker start-up included (the same for both)
+            count += len(batch[1])
+            shape = list(batch[0].shape)
+        seconds = time.perf_counter() - started
+        return {"images": count, "seconds": seconds, "images_per_s": count / seconds, "batch_shape": shape}
+
+    def finish(self) -> dict[str, Any]:
+        what = (
+            f"PIL full decode + torchvision Resize({self.pre.resize_size}, bilinear)"
+            if self.side == "baseline"
+            else f"ImageListDataset draft decode + v2 Resize({self.pre.resize_size}, {self.pre.interpolation})"
+        )
+        return {"pipeline": what, "batch": self.batch, "workers": int(self.cfg["workers"])}
+
+
+# ---- 3. inference ---------------------------------------------------------------------------------------
+class Inference:
+    """Model forward on preloaded batches; FLOPs per image; test accuracy of a checkpoint per path."""
+
+    def __init__(self, side: str, cfg: dict[str, Any]):
+        self.cfg, self.side = cfg, side
+        self.device = device_of(cfg)
+        self.data = load_splits(cfg["data_root"])
+        model, self.pre, self.weights = build_model(len(self.data.classes), int(cfg["image_size"]))
+        samples = pick(self.data.splits["test"], int(cfg["infer_images"]))
+        workers = int(cfg["workers"])
+        if side == "baseline":
+            images, _ = load_all(plain_loader(samples, self.pre, 64, workers))
+            self.batch = int(cfg["baseline_batch"])
+            self.model = model.eval().to(self.device)
+            self.images = images.to(self.device)
+            self.precision = "32"
+        else:
+            images, _ = load_all(ours_loader(cfg, samples, self.pre, 64))
+            self.batch = int(cfg["ours_batch"])
+            self.model = model.eval().to(self.device, memory_format=torch.channels_last)
+            self.images = images.to(self.device).contiguous(memory_format=torch.channels_last)
+            self.precision = precision_for(self.device)
+        self.batches = list(self.images.split(self.batch))
+        self.flops_per_image = None
+        if side == "baseline":
+            from torch.utils.flop_counter import FlopCounterMode
+
+            with torch.no_grad(), FlopCounterMode(display=False) as counter:
+                self.model(self.images[:1])
+            self.flops_per_image = int(counter.get_total_flops())
+        self.forward(self.batches[:1])  # warm-up: oneDNN primitives, autocast caches
+        if side == "ours" and self.precision != "32":
+            self.forward(self.batches[:1], "32")
+        say(
+            cfg,
+            f"{side}: {len(self.images)} preloaded images, batch {self.batch}, precision {self.precision}",
+        )
+
+    def context(self, precision: str | None = None) -> contextlib.ExitStack:
+        from foodvision.inference import autocast
+
+        stack = contextlib.ExitStack()
+        if self.side == "baseline":
+            stack.enter_context(torch.no_grad())
+        else:
+            stack.enter_context(torch.inference_mode())
+            stack.enter_context(autocast(self.device, precision or self.precision))
+        return stack
+
+    def forward(self, batches: list[torch.Tensor], precision: str | None = None) -> None:
+        with self.context(precision):
+            for batch in batches:
+                self.model(batch)
+        sync(self.device)
+
+    def run(self) -> dict[str, Any]:
+        count = len(self.images)
+        started = time.perf_counter()
+        self.forward(self.batches)
+        seconds = time.perf_counter() - started
+        result = {"images": count, "seconds": seconds, "images_per_s": count / seconds}
+        if self.side == "ours" and self.precision != "32":
+            # The same path without bf16 (channels_last + inference_mode + batch only): what bf16 adds.
+            started = time.perf_counter()
+            self.forward(self.batches, "32")
+            result["fp32_seconds"] = time.perf_counter() - started
+            result["fp32_images_per_s"] = count / result["fp32_seconds"]
+        return result
+
+    def finish(self) -> dict[str, Any]:
+        result: dict[str, Any] = {
+            "batch": self.batch,
+            "precision": self.precision,
+            "channels_last": self.side != "baseline",
+            "flops_per_image": self.flops_per_image,
+            "weights": self.weights,
+        }
+        if self.cfg.get("accuracy"):
+            result["accuracy"] = self.accuracy()
+        return result
+
+    def accuracy(self) -> dict[str, Any]:
+        """Top-1 on a fixed (seeded) subset of the test split, the checkpoint's weights, each side's path."""
+        ckpt = self.cfg.get("ckpt")
+        if not ckpt:
+            return {"skipped": self.cfg.get("ckpt_note") or "no checkpoint"}
+        from foodvision.inference import Predictor, infer_files, load_checkpoint_model
+
+        count = int(self.cfg["acc_images"]) or len(self.data.splits["test"])
+        samples = pick(self.data.splits["test"], min(count, len(self.data.splits["test"])), seed=1)
+        labels = torch.tensor([label for _, label in samples])
+        workers = int(self.cfg["workers"])
+        started = time.perf_counter()
+        if self.side == "baseline":
+            model, info, _ = load_checkpoint_model(ckpt)
+            if list(info.class_names) != list(self.data.classes):
+                return {"skipped": f"checkpoint classes {info.class_names[:3]}... differ from the data's"}
+            model = model.to(self.device)
+            predicted = []
+            with torch.no_grad():
+                for images, _ in plain_loader(samples, info.preprocessing, 64, workers):
+                    predicted.append(model(images.to(self.device)).argmax(1).cpu())
+            correct = (torch.cat(predicted) == labels).float().mean().item()
+            return {
+                "images": len(samples),
+                "acc": correct,
+                "path": "plain PIL + torchvision, float32 NCHW, no_grad",
+                "seconds": time.perf_counter() - started,
+            }
+        files = [path for path, _ in samples]
+        result: dict[str, Any] = {"images": len(samples)}
+        for key, precision in (("acc", "auto"), ("acc_fp32", "32")):
+            predictor = Predictor(ckpt, device=str(self.device), precision=precision)
+            if list(predictor.class_names) != list(self.data.classes):
+                return {
+                    "skipped": f"checkpoint classes {predictor.class_names[:3]}... differ from the data's"
+                }
+            out = infer_files(
+                predictor, files, batch_size=int(self.cfg["ours_batch"]), num_workers=workers, progress=False
+            )
+            predicted = out.logits.argmax(1)
+            result[key] = (predicted == labels[out.indices]).float().mean().item()
+            if key == "acc":
+                result["precision"] = predictor.precision
+                result["path"] = f"Predictor + infer_files ({predictor.describe().split(': ', 1)[-1]})"
+        result["seconds"] = time.perf_counter() - started
+        return result
+
+
+# ---- 4. frozen_epoch ------------------------------------------------------------------------------------
+class FrozenEpoch:
+    """Stage 1 (backbone frozen, head trains). Baseline: images -> whole model every epoch, on a subset of K
+    images, extrapolated to the split. Ours: pooled features extracted once (measured on the same K images),
+    then a head epoch on in-memory features of the full split size."""
+
+    def __init__(self, side: str, cfg: dict[str, Any]):
+        self.cfg, self.side = cfg, side
+        self.device = device_of(cfg)
+        self.data = load_splits(cfg["data_root"])
+        self.split_size = len(self.data.splits["train"])
+        self.samples = pick(self.data.splits["train"], int(cfg["train_images"]))
+        warm_page_cache(self.samples)
+        self.batch = int(cfg["train_batch"])
+        num_classes = len(self.data.classes)
+        if side == "baseline":
+            model, self.pre, _ = build_model(num_classes, int(cfg["image_size"]))
+            self.model = model.to(self.device)
+            self.model.backbone.requires_grad_(False)
+            self.optimizer = torch.optim.AdamW(self.model.head.parameters(), lr=1e-3, weight_decay=1e-4)
+            self.train_batches(self.loader(), limit=1)  # warm-up
+        else:
+            from foodvision.callbacks.finetune import TwoStageFinetuning
+
+            self.module = lit_module(num_classes, self.data.classes, int(cfg["image_size"])).to(self.device)
+            self.pre = self.module.preprocessing
+            self.finetune = TwoStageFinetuning
+            self.features: torch.Tensor | None = None
+            self.extract(self.samples[: self.batch])  # warm-up
+        say(cfg, f"{side}: {len(self.samples)} train images of {self.split_size}, batch {self.batch}")
+
+    # baseline ---------------------------------------------------------------------------------------------
+    def loader(self) -> DataLoader:
+        return plain_loader(self.samples, self.pre, self.batch, int(self.cfg["workers"]), shuffle=True)
+
+    def train_batches(self, loader: DataLoader, limit: int | None = None) -> int:
+        self.model.train()
+        self.model.backbone.eval()  # frozen: BatchNorm statistics do not move
+        count = 0
+        for step, (images, labels) in enumerate(loader):
+            if limit is not None and step >= limit:
+                break
+            images, labels = images.to(self.device), labels.to(self.device)
+            loss = nn.functional.cross_entropy(self.model(images), labels)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            count += len(labels)
+        sync(self.device)
+        return count
+
+    # ours -------------------------------------------------------------------------------------------------
+    def extract(self, samples: list[tuple[str, int]], depth: int | None = None) -> dict[str, Any]:
+        from foodvision.callbacks.feature_cache import extract_features
+        from foodvision.inference import autocast
+
+        loader = ours_loader(self.cfg, samples, self.pre, int(self.cfg["extract_batch"]))
+        precision = precision_for(self.device)
+        started = time.perf_counter()
+        pooled, labels, maps = extract_features(
+            self.module, loader, lambda: autocast(self.device, precision), "bench", depth
+        )
+        sync(self.device)
+        seconds = time.perf_counter() - started
+        return {"pooled": pooled, "labels": labels, "maps": maps, "seconds": seconds, "precision": precision}
+
+    def run(self) -> dict[str, Any]:
+        if self.side == "baseline":
+            started = time.perf_counter()
+            count = self.train_batches(self.loader())
+            seconds = time.perf_counter() - started
+            return {"images": count, "seconds": seconds, "images_per_s": count / seconds}
+        extracted = self.extract(self.samples)
+        extract_rate = len(extracted["labels"]) / extracted["seconds"]
+        if self.features is None:
+            self.features = tile(extracted["pooled"], self.split_size)
+            self.labels = tile(extracted["labels"], self.split_size)
+        loader = datamodule(self.cfg, self.batch).loader(
+            TensorDataset(self.features, self.labels), shuffle=True, batch_size=self.batch
+        )
+        finetune = self.finetune(stage1_epochs=None, unfreeze="none")
+        timing = fit_one_epoch(self.module, loader, finetune, self.device)
+        return {
+            "extract_images": len(extracted["labels"]),
+            "extract_seconds": extracted["seconds"],
+            "extract_images_per_s": extract_rate,
+            "images": self.split_size,
+            "seconds": timing["epoch_seconds"],
+            "fit_seconds": timing["fit_seconds"],
+            "images_per_s": self.split_size / timing["epoch_seconds"],
+        }
+
+    def finish(self) -> dict[str, Any]:
+        out = {
+            "split_size": self.split_size,
+            "subset": len(self.samples),
+            "batch": self.batch,
+            "workers": int(self.cfg["workers"]),
+        }
+        if self.side == "ours":
+            out["trainer_precision"] = trainer_precision(self.device)
+            out["feature_shape"] = list(self.features.shape) if self.features is not None else None
+        return out
+
+
+# ---- 5. stage2_epoch ------------------------------------------------------------------------------------
+class Stage2Epoch(FrozenEpoch):
+    """Stage 2 (blocks.5, blocks.6, conv_head train; BatchNorm frozen). Baseline: float32 NCHW whole model
+    forward + backward on images (subset K, extrapolated). Ours: the recipe's path, ``forward_suffix`` on
+    cached prefix maps (depth 5) in a Lightning Trainer with bf16-mixed and channels_last."""
+
+    def __init__(self, side: str, cfg: dict[str, Any]):
+        self.cfg, self.side = cfg, side
+        self.device = device_of(cfg)
+        self.data = load_splits(cfg["data_root"])
+        self.split_size = len(self.data.splits["train"])
+        self.batch = int(cfg["train_batch"])
+        num_classes = len(self.data.classes)
+        if side == "baseline":
+            self.samples = pick(self.data.splits["train"], int(cfg["stage2_images"]))
+            warm_page_cache(self.samples)
+            model, self.pre, _ = build_model(num_classes, int(cfg["image_size"]))
+            self.model = model.to(self.device)
+            trainable = []
+            for name, parameter in self.model.backbone.named_parameters():
+                is_norm = ".bn" in f".{name}"
+                parameter.requires_grad_(name.startswith(STAGE2_TRAINABLE) and not is_norm)
+                if parameter.requires_grad:
+                    trainable.append(parameter)
+            self.trainable = sum(p.numel() for p in trainable)
+            params = [*self.model.head.parameters(), *trainable]
+            self.optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4)
+            self.train_batches(self.loader(), limit=1)  # warm-up
+            say(cfg, f"baseline: {len(self.samples)} train images of {self.split_size}, batch {self.batch}")
+            return
+        from foodvision.callbacks.finetune import TwoStageFinetuning
+
+        self.samples = pick(self.data.splits["train"], int(cfg["prefix_images"]))
+        warm_page_cache(self.samples)
+        self.module = lit_module(num_classes, self.data.classes, int(cfg["image_size"])).to(self.device)
+        self.pre = self.module.preprocessing
+        self.finetune = TwoStageFinetuning
+        self.depth = self.module.net.prefix_depth(STAGE2_UNFREEZE)
+        self.extract(self.samples[: self.batch], self.depth)  # warm-up
+        extracted = self.extract(self.samples, self.depth)
+        self.extraction = {
+            "images": len(extracted["labels"]),
+            "seconds": extracted["seconds"],
+            "images_per_s": len(extracted["labels"]) / extracted["seconds"],
+            "map_shape": list(extracted["maps"].shape[1:]),
+            "map_dtype": str(extracted["maps"].dtype).replace("torch.", ""),
+        }
+        rows = int(cfg["stage2_ours_images"]) or self.split_size
+        self.maps = tile(extracted["maps"], rows)
+        self.labels = tile(extracted["labels"], rows)
+        self.module.prefix_depth = self.depth
+        say(
+            cfg,
+            f"ours: prefix maps {self.extraction['map_shape']} ({self.extraction['map_dtype']}), {rows} rows",
+        )
+
+    def loader(self) -> DataLoader:
+        return plain_loader(self.samples, self.pre, self.batch, int(self.cfg["workers"]), shuffle=True)
+
+    def train_batches(self, loader: DataLoader, limit: int | None = None) -> int:
+        self.model.train()
+        for module in self.model.backbone.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()  # frozen BatchNorm, as the recipe (train_bn=false)
+        count = 0
+        for step, (images, labels) in enumerate(loader):
+            if limit is not None and step >= limit:
+                break
+            images, labels = images.to(self.device), labels.to(self.device)
+            loss = nn.functional.cross_entropy(self.model(images), labels)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            count += len(labels)
+        sync(self.device)
+        return count
+
+    def run(self) -> dict[str, Any]:
+        if self.side == "baseline":
+            started = time.perf_counter()
+            count = self.train_batches(self.loader())
+            seconds = time.perf_counter() - started
+            return {"images": count, "seconds": seconds, "images_per_s": count / seconds}
+        loader = datamodule(self.cfg, self.batch).loader(
+            TensorDataset(self.maps, self.labels), shuffle=True, batch_size=self.batch
+        )
+        finetune = self.finetune(stage1_epochs=0, unfreeze=STAGE2_UNFREEZE, train_bn=False)
+        timing = fit_one_epoch(self.module, loader, finetune, self.device)
+        rows = len(self.labels)
+        return {
+            "images": rows,
+            "seconds": timing["epoch_seconds"],
+            "fit_seconds": timing["fit_seconds"],
+            "images_per_s": rows / timing["epoch_seconds"],
+        }
+
+    def finish(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"split_size": self.split_size, "batch": self.batch}
+        if self.side == "baseline":
+            out.update(subset=len(self.samples), trainable_backbone_params=self.trainable, precision="32")
+        else:
+            out.update(
+                extraction=self.extraction,
+                depth=self.depth,
+                rows=len(self.labels),
+                trainer_precision=trainer_precision(self.device),
+                trainable_backbone_params=sum(
+                    p.numel() for p in self.module.net.backbone.parameters() if p.requires_grad
+                ),
+            )
+        return out
+
+
+# ---- 6. predict -----------------------------------------------------------------------------------------
+class Predict:
+    """Model load time, one-photo latency and a folder's throughput: a plain script vs ``foodvision.predict``."""
+
+    def __init__(self, side: str, cfg: dict[str, Any]):
+        self.cfg, self.side = cfg, side
+        self.device = device_of(cfg)
+        self.ckpt = cfg["ckpt"]
+        data = load_splits(cfg["data_root"])
+        self.photos = [p for p, _ in pick(data.splits["test"], int(cfg["latency_photos"]), seed=2)]
+        folder_files = [p for p, _ in pick(data.splits["test"], int(cfg["folder_photos"]), seed=3)]
+        self.folder = Path(tempfile.mkdtemp(prefix=f"bench-predict-{side}-"))
+        for index, path in enumerate(folder_files):  # repeats (tiny trees) get their own names
+            (self.folder / f"{index:05d}_{Path(path).name}").symlink_to(Path(path).resolve())
+        warm_page_cache([(p, 0) for p in self.photos + folder_files])
+        self.load()  # warm-up: first-time imports and allocations are not model loading
+        self.latency(self.photos[:1])
+        say(cfg, f"{side}: {len(self.photos)} photos for latency, folder of {len(folder_files)}")
+
+    def load(self) -> float:
+        started = time.perf_counter()
+        if self.side == "baseline":
+            from foodvision.data.transforms import Preprocessing
+            from foodvision.models.classifier import build_classifier
+
+            checkpoint = torch.load(self.ckpt, map_location="cpu", weights_only=True)
+            meta = checkpoint["foodvision"]
+            model, _, _ = build_classifier(len(meta["class_names"]), **{**meta["model"], "pretrained": False})
+            state = {k[4:]: v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
+            model.load_state_dict(state)
+            self.model = model.eval().to(self.device)
+            self.pre = Preprocessing.from_dict(meta["preprocessing"])
+            self.transform = T.Compose(
+                [
+                    T.Resize(self.pre.resize_size),
+                    T.CenterCrop(self.pre.image_size),
+                    T.ToTensor(),
+                    T.Normalize(list(self.pre.mean), list(self.pre.std)),
+                ]
+            )
+        else:
+            from foodvision.inference import Predictor
+
+            self.predictor = Predictor(self.ckpt, device=str(self.device), precision="auto")
+        sync(self.device)
+        return time.perf_counter() - started
+
+    def predict_plain(self, path: str) -> torch.Tensor:
+        image = Image.open(path).convert("RGB")
+        with torch.no_grad():
+            logits = self.model(self.transform(image).unsqueeze(0).to(self.device))
+        return logits.softmax(1).cpu()
+
+    def latency(self, photos: list[str]) -> list[float]:
+        from foodvision.inference import infer_files
+
+        seconds = []
+        for photo in photos:
+            started = time.perf_counter()
+            if self.side == "baseline":
+                self.predict_plain(photo)
+            else:
+                infer_files(self.predictor, [photo], batch_size=1, num_workers=0, progress=False)
+            seconds.append(time.perf_counter() - started)
+        return seconds
+
+    def run_folder(self) -> tuple[int, float]:
+        started = time.perf_counter()
+        if self.side == "baseline":
+            files = sorted(str(p) for p in self.folder.iterdir())
+            for path in files:  # plain loop: one photo at a time
+                self.predict_plain(path)
+            count = len(files)
+        else:
+            from foodvision.inference import infer_files
+            from foodvision.predict import collect_inputs, top_k_rows
+
+            found = collect_inputs([str(self.folder)])
+            batch, workers = int(self.cfg["predict_batch"]), int(self.cfg["predict_workers"])
+            result = infer_files(
+                self.predictor, found.files, batch_size=batch, num_workers=workers, progress=False
+            )
+            top_k_rows(found.files, result.indices, result.probabilities, self.predictor.class_names, 3)
+            count = len(result.indices)
+        return count, time.perf_counter() - started
+
+    def run(self) -> dict[str, Any]:
+        load_seconds = self.load()
+        latencies = self.latency(self.photos)
+        count, seconds = self.run_folder()
+        return {
+            "load_seconds": load_seconds,
+            "latency_seconds": statistics.median(latencies),
+            "latencies": latencies,
+            "images": count,
+            "seconds": seconds,
+            "images_per_s": count / seconds,
+        }
+
+    def finish(self) -> dict[str, Any]:
+        shutil.rmtree(self.folder, ignore_errors=True)
+        if self.side == "baseline":
+            return {
+                "path": "torch.load + build + load_state_dict; PIL + torchvision; fp32 no_grad; 1 photo per forward"
+            }
+        return {
+            "path": f"Predictor + collect_inputs + infer_files: {self.predictor.describe().split(': ', 1)[-1]}",
+            "batch": int(self.cfg["predict_batch"]),
+            "workers": int(self.cfg["predict_workers"]),
+        }
+
+
+# ---- 7. recipe ------------------------------------------------------------------------------------------
+DEFAULT_MODEL_PRESET = "mobilenetv2_ft"
+NEUTRAL_OVERRIDES = ("data.root=", "paths.", "hydra.")  # do not change the recipe itself
+
+
+def run_summary(run_dir: Path) -> dict[str, Any] | None:
+    """Model preset, overrides and metrics of a finished run dir (None when it has no metrics.json)."""
+    import yaml
+
+    metrics_path = run_dir / "metrics.json"
+    if not metrics_path.is_file():
+        return None
+    import json
+
+    metrics = json.loads(metrics_path.read_text())
+    hydra_file, overrides_file = run_dir / ".hydra" / "hydra.yaml", run_dir / ".hydra" / "overrides.yaml"
+    preset = None
+    if hydra_file.is_file():
+        hydra_cfg = yaml.safe_load(hydra_file.read_text()) or {}
+        preset = ((hydra_cfg.get("hydra") or {}).get("runtime") or {}).get("choices", {}).get("model")
+    overrides = (yaml.safe_load(overrides_file.read_text()) or []) if overrides_file.is_file() else []
+    config = (
+        yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
+    )
+    config = config or {}
+    model, finetune = config.get("model") or {}, config.get("finetune") or {}
+    if preset is None and model.get("name") == MODEL_NAME and finetune.get("unfreeze") == STAGE2_UNFREEZE:
+        preset = f"{DEFAULT_MODEL_PRESET} (guessed from config.yaml)"
+    recipe_overrides = [o for o in overrides if not str(o).startswith(NEUTRAL_OVERRIDES)]
+    return {
+        "run_dir": str(run_dir),
+        "model_preset": preset,
+        "overrides": overrides,
+        "exact_default": not recipe_overrides,
+        "finished": metrics_path.stat().st_mtime,
+        "wall_seconds": metrics.get("wall_seconds"),
+        "train_seconds": metrics.get("train_seconds"),
+        "test_acc": metrics.get("test/acc"),
+        "val_acc": metrics.get("val/acc"),
+        "image_size": (config.get("data") or {}).get("image_size"),
+        "stage1_epochs": finetune.get("stage1_epochs"),
+        "max_epochs": (config.get("trainer") or {}).get("max_epochs"),
+        "precision": (config.get("trainer") or {}).get("precision"),
+    }
+
+
+def newest_default_run(log_dir: Path) -> tuple[dict[str, Any] | None, str]:
+    runs = [s for d in sorted(log_dir.glob("runs/*/")) if (s := run_summary(d)) is not None]
+    runs = [r for r in runs if str(r["model_preset"] or "").startswith(DEFAULT_MODEL_PRESET)]
+    if not runs:
+        return None, f"no finished run of model={DEFAULT_MODEL_PRESET} under {log_dir}/runs"
+    exact = [r for r in runs if r["exact_default"]]
+    if exact:
+        return max(exact, key=lambda r: r["finished"]), "newest run of the exact default recipe"
+    # Otherwise the newest full run (no debug=..., the default image size) rather than a smoke test.
+    full = [
+        r
+        for r in runs
+        if r["image_size"] == 224 and not any(str(o).startswith("debug=") for o in r["overrides"])
+    ]
+    chosen = max(full or runs, key=lambda r: r["finished"])
+    kind = "full-size run without debug overrides" if full else "run"
+    return (
+        chosen,
+        f"no run of the exact default recipe; newest {DEFAULT_MODEL_PRESET} {kind}, overrides {chosen['overrides']}",
+    )
+
+
+class Recipe:
+    """The whole default recipe: read from the newest finished run, or run ``train.py`` (``--run-recipe``)."""
+
+    def __init__(self, side: str, cfg: dict[str, Any]):
+        self.cfg = cfg
+        self.children_rss_mb: float | None = None
+
+    def run(self) -> dict[str, Any]:
+        log_dir = Path(self.cfg["log_dir"])
+        if not self.cfg.get("run_recipe"):
+            run, note = newest_default_run(log_dir)
+            return {"source": "existing run", "run": run, "note": note}
+        import resource
+
+        command = [sys.executable, str(ROOT / "train.py"), *self.cfg.get("recipe_args", [])]
+        say(self.cfg, "running " + " ".join(command))
+        started_at = time.time()
+        started = time.perf_counter()
+        completed = subprocess.run(command, cwd=ROOT, check=False)
+        seconds = time.perf_counter() - started
+        self.children_rss_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0
+        fresh = [d for d in log_dir.glob("runs/*/") if d.stat().st_mtime >= started_at - 1]
+        summaries = [s for d in fresh if (s := run_summary(d)) is not None and s["finished"] >= started_at]
+        run = max(summaries, key=lambda r: r["finished"]) if summaries else None
+        return {
+            "source": "ran train.py",
+            "command": command,
+            "returncode": completed.returncode,
+            "seconds": seconds,
+            "run": run,
+            "note": "" if run else "train.py wrote no metrics.json",
+        }
+
+    def finish(self) -> dict[str, Any]:
+        return {"train_py_peak_rss_mb": self.children_rss_mb}
+
+
+SECTIONS = {
+    "matmul_peak": MatmulPeak,
+    "data_loading": DataLoading,
+    "inference": Inference,
+    "frozen_epoch": FrozenEpoch,
+    "stage2_epoch": Stage2Epoch,
+    "predict": Predict,
+    "recipe": Recipe,
+}
+
+
+def environment() -> dict[str, Any]:
+    """Torch build, threads and precision support of this machine (asked in a child, so the parent stays small)."""
+    # Plain str, never torch's TorchVersion: unpickling that in the parent would import torch there.
+    info: dict[str, Any] = {
+        "torch": str(torch.__version__),
+        "python": sys.version.split()[0],
+        "torch_threads_default": torch.get_num_threads(),
+        "mkldnn_bf16_supported": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+        "cuda_available": torch.cuda.is_available(),
+        # Peak RSS of a process that imported torch/torchvision only: the floor of every section's RSS.
+        "import_peak_rss_mb": round(maxrss_mb(), 1),
+    }
+    for package in ("torchvision", "timm", "lightning", "PIL"):
+        with contextlib.suppress(Exception):
+            info[package] = str(__import__(package).__version__)
+    if torch.cuda.is_available():
+        info["cuda_device"] = str(torch.cuda.get_device_name(0))
+        info["cuda_bf16_supported"] = bool(torch.cuda.is_bf16_supported())
+    return info

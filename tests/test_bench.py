@@ -1,0 +1,143 @@
+"""bench/run.py: a --quick run writes results.json and results.md; run-dir selection of the recipe section.
+
+No timing assertions: speed targets do not belong in unit tests (the machine may be busy).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from .conftest import ROOT, SHARED_MINI, make_class_tree
+
+RUN_PY = ROOT / "bench" / "run.py"
+
+
+def load_bench_module(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def positive(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+@pytest.fixture
+def data_root(tmp_path: Path) -> Path:
+    """The shared Food-101 mini archive, or a generated class-per-folder tree when it is missing."""
+    if SHARED_MINI.is_dir():
+        return SHARED_MINI
+    root = tmp_path / "food"
+    make_class_tree(root, ["apple_pie", "baklava", "bibimbap"], 12)
+    return root
+
+
+def test_quick_run_writes_results(tmp_path: Path, data_root: Path) -> None:
+    out = tmp_path / "bench"
+    command = [
+        sys.executable,
+        str(RUN_PY),
+        "--quick",
+        "--sections",
+        "matmul_peak,inference,frozen_epoch",
+        "--out",
+        str(out),
+        "--threads",
+        "1",  # the test may share the machine with other work
+        "--ckpt",
+        "none",
+        "--data-root",
+        str(data_root),
+        "--no-cuda",
+    ]
+    completed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+
+    results = json.loads((out / "results.json").read_text())
+    assert results["plan"] == ["matmul_peak", "inference", "frozen_epoch"]
+    assert results["machine"]["cpu_model"] and results["machine"]["cores"] >= 1
+    assert results["machine"]["torch_environment"]["torch"]
+    assert not results["machine"]["parent_imported_torch"]  # else every child would inherit its RSS
+    sections = results["sections"]
+    assert all(sections[name]["status"] == "ok" for name in results["plan"])
+
+    peak = sections["matmul_peak"]["summary"]
+    assert positive(peak["fp32_gflops"]) and positive(peak["bf16_gflops"])
+
+    inference = sections["inference"]["summary"]
+    for key in ("baseline_images_per_s", "ours_images_per_s", "ratio", "flops_per_image"):
+        assert positive(inference[key]), key
+    assert positive(inference["baseline_fraction_of_peak"]) and positive(inference["ours_fraction_of_peak"])
+    assert positive(inference["baseline_peak_rss_mb"]) and positive(inference["ours_peak_rss_mb"])
+    setup = sections["inference"]["raw"]["ours"]["setup"]
+    assert setup["rss_at_start_mb"] < setup["setup_peak_rss_mb"]
+    assert "skipped" in inference["accuracy"]  # --ckpt none
+
+    frozen = sections["frozen_epoch"]["summary"]
+    for key in (
+        "baseline_epoch_seconds",
+        "ours_epoch_seconds",
+        "ours_extract_seconds",
+        "ratio_1_epoch",
+        "ratio_10_epochs",
+        "baseline_peak_rss_mb",
+        "ours_peak_rss_mb",
+    ):
+        assert positive(frozen[key]), key
+    raw = sections["frozen_epoch"]["raw"]
+    assert len(raw["baseline"]["runs"]) == len(raw["ours"]["runs"]) == 1  # --quick: one repeat
+
+    table = (out / "results.md").read_text()
+    assert "| section | baseline | foodvision | ratio | notes |" in table
+    for name in ("matmul_peak", "inference", "frozen_epoch (1 epoch)", "frozen_epoch (10 epochs"):
+        assert f"| {name}" in table
+
+
+def test_unknown_section_is_refused() -> None:
+    run = load_bench_module("run")
+    with pytest.raises(SystemExit):
+        run.selected_sections("matmul_peak,warp_drive")
+    assert run.selected_sections("recipe,matmul_peak") == ["matmul_peak", "recipe"]
+
+
+def fake_run(log_dir: Path, name: str, overrides: list[str], image_size: int, finished: float) -> Path:
+    run_dir = log_dir / "runs" / name
+    (run_dir / ".hydra").mkdir(parents=True)
+    hydra = {"hydra": {"runtime": {"choices": {"model": "mobilenetv2_ft"}}}}
+    (run_dir / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump(hydra))
+    (run_dir / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    config = {
+        "model": {"name": "mobilenetv2_100"},
+        "finetune": {"stage1_epochs": 3, "unfreeze": "blocks.5"},
+        "data": {"image_size": image_size},
+        "trainer": {"max_epochs": 8, "precision": "bf16-mixed"},
+    }
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    metrics = run_dir / "metrics.json"
+    metrics.write_text(json.dumps({"wall_seconds": 100.0, "train_seconds": 90.0, "test/acc": 0.8}))
+    os.utime(metrics, (finished, finished))
+    return run_dir
+
+
+def test_recipe_reads_the_newest_default_run(tmp_path: Path) -> None:
+    sections = load_bench_module("sections")
+    log_dir = tmp_path / "lightning_logs"
+    fake_run(log_dir, "tuned", ["trainer.max_epochs=14"], 224, 1_000)
+    fake_run(log_dir, "smoke", ["debug=fdr", "data.image_size=64"], 64, 3_000)
+    run, note = sections.newest_default_run(log_dir)
+    assert run["run_dir"].endswith("tuned") and not run["exact_default"]  # not the newer smoke test
+    assert "trainer.max_epochs=14" in note
+    fake_run(log_dir, "default", [f"data.root={tmp_path}"], 224, 2_000)
+    run, note = sections.newest_default_run(log_dir)
+    assert run["run_dir"].endswith("default") and run["exact_default"]
+    assert run["wall_seconds"] == 100.0 and run["test_acc"] == 0.8 and run["stage1_epochs"] == 3
