@@ -243,6 +243,7 @@ def _side_main(conn: Any, section: str, side: str, cfg: dict[str, Any]) -> None:
     """One side of one section: set up, then answer ``run`` (one timed repeat) and ``finish``."""
     rss_at_start = _maxrss_mb()
     os.environ.setdefault("TQDM_DISABLE", "1")  # before tqdm is imported: it reads TQDM_* at import
+    runner = None
     try:
         impl = _import_sections()
         impl.setup_process(cfg)
@@ -270,6 +271,9 @@ def _side_main(conn: Any, section: str, side: str, cfg: dict[str, Any]) -> None:
     except BaseException:  # noqa: BLE001 - reported to the parent, which records it and goes on
         with contextlib.suppress(OSError):
             conn.send(("error", traceback.format_exc()))
+    finally:
+        if runner is not None and hasattr(runner, "close"):
+            runner.close()  # temporary files, also after an error (atexit does not run in these children)
 
 
 def _info_main(conn: Any) -> None:

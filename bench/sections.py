@@ -398,9 +398,9 @@ class Inference:
             with torch.no_grad(), FlopCounterMode(display=False) as counter:
                 self.model(self.images[:1])
             self.flops_per_image = int(counter.get_total_flops())
-        self.forward(self.batches[:1])  # warm-up: oneDNN primitives, autocast caches
+        self.forward(self.batches[:1] + self.batches[-1:])  # warm-up: oneDNN primitives of both batch shapes
         if side == "ours" and self.precision != "32":
-            self.forward(self.batches[:1], "32")
+            self.forward(self.batches[:1] + self.batches[-1:], "32")
         say(
             cfg,
             f"{side}: {len(self.images)} preloaded images, batch {self.batch}, precision {self.precision}",
@@ -525,7 +525,8 @@ class FrozenEpoch:
             self.pre = self.module.preprocessing
             self.finetune = TwoStageFinetuning
             self.features: torch.Tensor | None = None
-            self.extract(self.samples[: self.batch])  # warm-up
+            warm = self.extract(self.samples[: int(cfg["extract_batch"])])  # warm-up, then a 2-batch epoch
+            self.fit(tile(warm["pooled"], 2 * self.batch), tile(warm["labels"], 2 * self.batch), None)
         say(cfg, f"{side}: {len(self.samples)} train images of {self.split_size}, batch {self.batch}")
 
     # baseline ---------------------------------------------------------------------------------------------
@@ -572,22 +573,30 @@ class FrozenEpoch:
         extracted = self.extract(self.samples)
         extract_rate = len(extracted["labels"]) / extracted["seconds"]
         if self.features is None:
-            self.features = tile(extracted["pooled"], self.split_size)
-            self.labels = tile(extracted["labels"], self.split_size)
-        loader = datamodule(self.cfg, self.batch).loader(
-            TensorDataset(self.features, self.labels), shuffle=True, batch_size=self.batch
-        )
-        finetune = self.finetune(stage1_epochs=None, unfreeze="none")
-        timing = fit_one_epoch(self.module, loader, finetune, self.device)
+            rows = int(self.cfg["frozen_rows"]) or self.split_size
+            self.features = tile(extracted["pooled"], rows)
+            self.labels = tile(extracted["labels"], rows)
+        timing = self.fit(self.features, self.labels, None)
         return {
             "extract_images": len(extracted["labels"]),
             "extract_seconds": extracted["seconds"],
             "extract_images_per_s": extract_rate,
-            "images": self.split_size,
+            "images": len(self.labels),
             "seconds": timing["epoch_seconds"],
             "fit_seconds": timing["fit_seconds"],
-            "images_per_s": self.split_size / timing["epoch_seconds"],
+            "images_per_s": len(self.labels) / timing["epoch_seconds"],
         }
+
+    def fit(self, inputs: torch.Tensor, labels: torch.Tensor, unfreeze: str | None) -> dict[str, float]:
+        """One epoch of foodvision's training step on cached tensors (``FoodDataModule.loader``, Lightning)."""
+        loader = datamodule(self.cfg, self.batch).loader(
+            TensorDataset(inputs, labels), shuffle=True, batch_size=self.batch
+        )
+        if unfreeze is None:  # stage 1: the backbone stays frozen
+            finetune = self.finetune(stage1_epochs=None, unfreeze="none")
+        else:  # stage 2 from the first epoch, BatchNorm frozen
+            finetune = self.finetune(stage1_epochs=0, unfreeze=unfreeze, train_bn=False)
+        return fit_one_epoch(self.module, loader, finetune, self.device)
 
     def finish(self) -> dict[str, Any]:
         out = {
@@ -640,7 +649,9 @@ class Stage2Epoch(FrozenEpoch):
         self.pre = self.module.preprocessing
         self.finetune = TwoStageFinetuning
         self.depth = self.module.net.prefix_depth(STAGE2_UNFREEZE)
-        self.extract(self.samples[: self.batch], self.depth)  # warm-up
+        warm = self.extract(self.samples[: int(cfg["extract_batch"])], self.depth)  # warm-up
+        self.module.prefix_depth = self.depth
+        self.fit(tile(warm["maps"], 2 * self.batch), tile(warm["labels"], 2 * self.batch), STAGE2_UNFREEZE)
         extracted = self.extract(self.samples, self.depth)
         self.extraction = {
             "images": len(extracted["labels"]),
@@ -652,7 +663,6 @@ class Stage2Epoch(FrozenEpoch):
         rows = int(cfg["stage2_ours_images"]) or self.split_size
         self.maps = tile(extracted["maps"], rows)
         self.labels = tile(extracted["labels"], rows)
-        self.module.prefix_depth = self.depth
         say(
             cfg,
             f"ours: prefix maps {self.extraction['map_shape']} ({self.extraction['map_dtype']}), {rows} rows",
@@ -685,11 +695,7 @@ class Stage2Epoch(FrozenEpoch):
             count = self.train_batches(self.loader())
             seconds = time.perf_counter() - started
             return {"images": count, "seconds": seconds, "images_per_s": count / seconds}
-        loader = datamodule(self.cfg, self.batch).loader(
-            TensorDataset(self.maps, self.labels), shuffle=True, batch_size=self.batch
-        )
-        finetune = self.finetune(stage1_epochs=0, unfreeze=STAGE2_UNFREEZE, train_bn=False)
-        timing = fit_one_epoch(self.module, loader, finetune, self.device)
+        timing = self.fit(self.maps, self.labels, STAGE2_UNFREEZE)
         rows = len(self.labels)
         return {
             "images": rows,
@@ -727,11 +733,15 @@ class Predict:
         self.photos = [p for p, _ in pick(data.splits["test"], int(cfg["latency_photos"]), seed=2)]
         folder_files = [p for p, _ in pick(data.splits["test"], int(cfg["folder_photos"]), seed=3)]
         self.folder = Path(tempfile.mkdtemp(prefix=f"bench-predict-{side}-"))
-        for index, path in enumerate(folder_files):  # repeats (tiny trees) get their own names
-            (self.folder / f"{index:05d}_{Path(path).name}").symlink_to(Path(path).resolve())
-        warm_page_cache([(p, 0) for p in self.photos + folder_files])
-        self.load()  # warm-up: first-time imports and allocations are not model loading
-        self.latency(self.photos[:1])
+        try:
+            for index, path in enumerate(folder_files):  # repeats (tiny trees) get their own names
+                (self.folder / f"{index:05d}_{Path(path).name}").symlink_to(Path(path).resolve())
+            warm_page_cache([(p, 0) for p in self.photos + folder_files])
+            self.load()  # warm-up: first-time imports and allocations are not model loading
+            self.latency(self.photos[:1])
+        except BaseException:
+            self.close()
+            raise
         say(cfg, f"{side}: {len(self.photos)} photos for latency, folder of {len(folder_files)}")
 
     def load(self) -> float:
@@ -814,8 +824,10 @@ class Predict:
             "images_per_s": count / seconds,
         }
 
-    def finish(self) -> dict[str, Any]:
+    def close(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
+
+    def finish(self) -> dict[str, Any]:
         if self.side == "baseline":
             return {
                 "path": "torch.load + build + load_state_dict; PIL + torchvision; fp32 no_grad; 1 photo per forward"
@@ -829,69 +841,125 @@ class Predict:
 
 # ---- 7. recipe ------------------------------------------------------------------------------------------
 DEFAULT_MODEL_PRESET = "mobilenetv2_ft"
-NEUTRAL_OVERRIDES = ("data.root=", "paths.", "hydra.")  # do not change the recipe itself
+# What makes a run the default recipe: everything that changes its training (not paths, data.root, precision
+# as resolved, ...). Compared with conf/ as it is now, since presets change.
+RECIPE_KEYS = (
+    "model",
+    "finetune",
+    "feature_cache.enabled",
+    "optimizer",
+    "scheduler",
+    "label_smoothing",
+    "augment",
+    "channels_last",
+    "seed",
+    "trainer.max_epochs",
+    "trainer.fast_dev_run",
+    "trainer.limit_train_batches",
+    "trainer.limit_val_batches",
+    "data.image_size",
+    "data.batch_size",
+    "data.balance",
+    "data.classes",
+    "data.max_per_class",
+)
 
 
-def run_summary(run_dir: Path) -> dict[str, Any] | None:
-    """Model preset, overrides and metrics of a finished run dir (None when it has no metrics.json)."""
+def lookup(config: dict[str, Any], dotted: str) -> Any:
+    value: Any = config
+    for part in dotted.split("."):
+        if not isinstance(value, dict):
+            return None
+        value = value.get(part)
+    return value
+
+
+def default_recipe_config() -> dict[str, Any]:
+    """``conf/train.yaml`` composed without overrides (what ``make train`` runs), unresolved."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            return OmegaConf.to_container(compose("train"), resolve=False)
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def recipe_value(config: dict[str, Any], key: str) -> Any:
+    value = lookup(config, key)
+    if key == "scheduler" and isinstance(value, dict) and value.get("name") in (None, "none"):
+        return {"name": "none"}  # no scheduler: its other settings (min_lr, ...) do nothing
+    return value
+
+
+def recipe_differences(config: dict[str, Any], default: dict[str, Any]) -> list[str]:
+    return [key for key in RECIPE_KEYS if recipe_value(config, key) != recipe_value(default, key)]
+
+
+def run_summary(run_dir: Path, default: dict[str, Any]) -> dict[str, Any] | None:
+    """Model preset, overrides, difference from the default recipe and metrics of a finished run dir (None when
+    it has no metrics.json)."""
+    import json
+
     import yaml
 
     metrics_path = run_dir / "metrics.json"
     if not metrics_path.is_file():
         return None
-    import json
-
     metrics = json.loads(metrics_path.read_text())
     hydra_file, overrides_file = run_dir / ".hydra" / "hydra.yaml", run_dir / ".hydra" / "overrides.yaml"
     preset = None
     if hydra_file.is_file():
         hydra_cfg = yaml.safe_load(hydra_file.read_text()) or {}
-        preset = ((hydra_cfg.get("hydra") or {}).get("runtime") or {}).get("choices", {}).get("model")
+        preset = lookup(hydra_cfg, "hydra.runtime.choices.model")
     overrides = (yaml.safe_load(overrides_file.read_text()) or []) if overrides_file.is_file() else []
-    config = (
-        yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
-    )
-    config = config or {}
-    model, finetune = config.get("model") or {}, config.get("finetune") or {}
-    if preset is None and model.get("name") == MODEL_NAME and finetune.get("unfreeze") == STAGE2_UNFREEZE:
-        preset = f"{DEFAULT_MODEL_PRESET} (guessed from config.yaml)"
-    recipe_overrides = [o for o in overrides if not str(o).startswith(NEUTRAL_OVERRIDES)]
+    config_file = run_dir / "config.yaml"
+    config = (yaml.safe_load(config_file.read_text()) if config_file.is_file() else None) or {}
+    differences = recipe_differences(config, default)
     return {
         "run_dir": str(run_dir),
         "model_preset": preset,
         "overrides": overrides,
-        "exact_default": not recipe_overrides,
+        "differs_from_default_in": differences,
+        "default_recipe": not differences,
         "finished": metrics_path.stat().st_mtime,
         "wall_seconds": metrics.get("wall_seconds"),
         "train_seconds": metrics.get("train_seconds"),
         "test_acc": metrics.get("test/acc"),
         "val_acc": metrics.get("val/acc"),
-        "image_size": (config.get("data") or {}).get("image_size"),
-        "stage1_epochs": finetune.get("stage1_epochs"),
-        "max_epochs": (config.get("trainer") or {}).get("max_epochs"),
-        "precision": (config.get("trainer") or {}).get("precision"),
+        "image_size": lookup(config, "data.image_size"),
+        "stage1_epochs": lookup(config, "finetune.stage1_epochs"),
+        "max_epochs": lookup(config, "trainer.max_epochs"),
+        "precision": lookup(config, "trainer.precision"),
     }
 
 
-def newest_default_run(log_dir: Path) -> tuple[dict[str, Any] | None, str]:
-    runs = [s for d in sorted(log_dir.glob("runs/*/")) if (s := run_summary(d)) is not None]
-    runs = [r for r in runs if str(r["model_preset"] or "").startswith(DEFAULT_MODEL_PRESET)]
+def newest_default_run(log_dir: Path, default: dict[str, Any]) -> tuple[dict[str, Any] | None, str]:
+    """The newest finished run of the default recipe; else the newest full-size mobilenetv2_ft run (not a debug
+    run), with what differs; else the newest mobilenetv2_ft run."""
+    runs = [s for d in sorted(log_dir.glob("runs/*/")) if (s := run_summary(d, default)) is not None]
+    matching = [r for r in runs if r["default_recipe"]]
+    if matching:
+        return max(
+            matching, key=lambda r: r["finished"]
+        ), "newest run of the default recipe (conf/ as it is now)"
+    runs = [r for r in runs if r["model_preset"] == DEFAULT_MODEL_PRESET]
     if not runs:
         return None, f"no finished run of model={DEFAULT_MODEL_PRESET} under {log_dir}/runs"
-    exact = [r for r in runs if r["exact_default"]]
-    if exact:
-        return max(exact, key=lambda r: r["finished"]), "newest run of the exact default recipe"
-    # Otherwise the newest full run (no debug=..., the default image size) rather than a smoke test.
     full = [
         r
         for r in runs
-        if r["image_size"] == 224 and not any(str(o).startswith("debug=") for o in r["overrides"])
+        if r["image_size"] == lookup(default, "data.image_size")
+        and not any(str(o).startswith("debug=") for o in r["overrides"])
     ]
     chosen = max(full or runs, key=lambda r: r["finished"])
     kind = "full-size run without debug overrides" if full else "run"
-    return (
-        chosen,
-        f"no run of the exact default recipe; newest {DEFAULT_MODEL_PRESET} {kind}, overrides {chosen['overrides']}",
+    return chosen, (
+        f"no run of the default recipe; newest {DEFAULT_MODEL_PRESET} {kind}, which differs in "
+        f"{', '.join(chosen['differs_from_default_in'])} (overrides {chosen['overrides']})"
     )
 
 
@@ -904,8 +972,9 @@ class Recipe:
 
     def run(self) -> dict[str, Any]:
         log_dir = Path(self.cfg["log_dir"])
+        default = default_recipe_config()
         if not self.cfg.get("run_recipe"):
-            run, note = newest_default_run(log_dir)
+            run, note = newest_default_run(log_dir, default)
             return {"source": "existing run", "run": run, "note": note}
         import resource
 
@@ -913,19 +982,30 @@ class Recipe:
         say(self.cfg, "running " + " ".join(command))
         started_at = time.time()
         started = time.perf_counter()
-        completed = subprocess.run(command, cwd=ROOT, check=False)
+        env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}  # train.py keeps its progress bar
+        completed = subprocess.run(command, cwd=ROOT, env=env, check=False)
         seconds = time.perf_counter() - started
         self.children_rss_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0
         fresh = [d for d in log_dir.glob("runs/*/") if d.stat().st_mtime >= started_at - 1]
-        summaries = [s for d in fresh if (s := run_summary(d)) is not None and s["finished"] >= started_at]
+        summaries = [
+            s for d in fresh if (s := run_summary(d, default)) is not None and s["finished"] >= started_at
+        ]
         run = max(summaries, key=lambda r: r["finished"]) if summaries else None
+        note = "train.py wrote no metrics.json"
+        if run:
+            differs = run["differs_from_default_in"]
+            note = (
+                "the default recipe"
+                if not differs
+                else f"not the default recipe: {', '.join(differs)} differ"
+            )
         return {
             "source": "ran train.py",
             "command": command,
             "returncode": completed.returncode,
             "seconds": seconds,
             "run": run,
-            "note": "" if run else "train.py wrote no metrics.json",
+            "note": note,
         }
 
     def finish(self) -> dict[str, Any]:

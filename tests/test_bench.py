@@ -5,6 +5,7 @@ No timing assertions: speed targets do not belong in unit tests (the machine may
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import math
@@ -110,18 +111,12 @@ def test_unknown_section_is_refused() -> None:
     assert run.selected_sections("recipe,matmul_peak") == ["matmul_peak", "recipe"]
 
 
-def fake_run(log_dir: Path, name: str, overrides: list[str], image_size: int, finished: float) -> Path:
+def fake_run(log_dir: Path, name: str, config: dict, overrides: list[str], finished: float) -> Path:
     run_dir = log_dir / "runs" / name
     (run_dir / ".hydra").mkdir(parents=True)
     hydra = {"hydra": {"runtime": {"choices": {"model": "mobilenetv2_ft"}}}}
     (run_dir / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump(hydra))
     (run_dir / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
-    config = {
-        "model": {"name": "mobilenetv2_100"},
-        "finetune": {"stage1_epochs": 3, "unfreeze": "blocks.5"},
-        "data": {"image_size": image_size},
-        "trainer": {"max_epochs": 8, "precision": "bf16-mixed"},
-    }
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
     metrics = run_dir / "metrics.json"
     metrics.write_text(json.dumps({"wall_seconds": 100.0, "train_seconds": 90.0, "test/acc": 0.8}))
@@ -131,13 +126,23 @@ def fake_run(log_dir: Path, name: str, overrides: list[str], image_size: int, fi
 
 def test_recipe_reads_the_newest_default_run(tmp_path: Path) -> None:
     sections = load_bench_module("sections")
+    default = sections.default_recipe_config()  # conf/train.yaml as it is now
+    assert default["model"]["name"] == "mobilenetv2_100" and default["finetune"]["unfreeze"] == "blocks.5"
     log_dir = tmp_path / "lightning_logs"
-    fake_run(log_dir, "tuned", ["trainer.max_epochs=14"], 224, 1_000)
-    fake_run(log_dir, "smoke", ["debug=fdr", "data.image_size=64"], 64, 3_000)
-    run, note = sections.newest_default_run(log_dir)
-    assert run["run_dir"].endswith("tuned") and not run["exact_default"]  # not the newer smoke test
-    assert "trainer.max_epochs=14" in note
-    fake_run(log_dir, "default", [f"data.root={tmp_path}"], 224, 2_000)
-    run, note = sections.newest_default_run(log_dir)
-    assert run["run_dir"].endswith("default") and run["exact_default"]
-    assert run["wall_seconds"] == 100.0 and run["test_acc"] == 0.8 and run["stage1_epochs"] == 3
+    longer = copy.deepcopy(default)
+    longer["trainer"]["max_epochs"] += 5
+    fake_run(log_dir, "longer", longer, ["trainer.max_epochs=99"], 1_000)
+    smoke = copy.deepcopy(default)
+    smoke["data"]["image_size"] = 64
+    smoke["trainer"]["fast_dev_run"] = True
+    fake_run(log_dir, "smoke", smoke, ["debug=fdr", "data.image_size=64"], 3_000)
+    run, note = sections.newest_default_run(log_dir, default)
+    assert run["run_dir"].endswith("longer") and not run["default_recipe"]  # not the newer smoke test
+    assert run["differs_from_default_in"] == ["trainer.max_epochs"] and "trainer.max_epochs" in note
+    same = copy.deepcopy(default)
+    same["data"]["root"] = str(tmp_path)  # where the data is does not change the recipe
+    fake_run(log_dir, "default", same, [f"data.root={tmp_path}"], 2_000)
+    run, note = sections.newest_default_run(log_dir, default)
+    assert run["run_dir"].endswith("default") and run["default_recipe"]
+    assert run["wall_seconds"] == 100.0 and run["test_acc"] == 0.8
+    assert run["stage1_epochs"] == default["finetune"]["stage1_epochs"]

@@ -78,6 +78,17 @@ def test_resume_continues_from_last_checkpoint(compose_train, image_folder: Path
     assert not (tmp_path / "elsewhere" / "checkpoints").exists()
 
 
+def test_resume_from_another_model_is_refused_clearly(
+    compose_train, image_folder: Path, tmp_path: Path
+) -> None:
+    common = ("model.scratch.widths=[8]", "test=false", "trainer.max_epochs=1")
+    train(compose_train("model=scratch_baseline", *common, root=image_folder))
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    cfg = compose_train("model=scratch_large", "test=false", f"ckpt_path={last}", root=image_folder)
+    with pytest.raises(ValueError, match="model.scratch: checkpoint"):
+        train(cfg)
+
+
 def test_missing_checkpoint_is_a_clear_error(compose_train, image_folder: Path) -> None:
     cfg = compose_train("ckpt_path=/nope/last.ckpt", root=image_folder)
     with pytest.raises(FileNotFoundError, match="/nope/last.ckpt"):

@@ -44,7 +44,11 @@ def resolve_data_root(cfg: DictConfig) -> None:
     if cfg.data.source != "food101" or cfg.data.root is not None or cfg.data.get("download"):
         return
     root = Path(cfg.paths.root_dir)
-    candidates = [os.environ.get("FOOD101_ROOT", ""), root / "data" / "food-101", root / "../shared/data/food101-mini/food-101"]
+    candidates = [
+        os.environ.get("FOOD101_ROOT", ""),
+        root / "data" / "food-101",
+        root / "../shared/data/food101-mini/food-101",
+    ]
     cfg.data.root = str(default_food101_root(candidates).resolve())
 
 
@@ -62,12 +66,36 @@ def resolve_checkpoint(ckpt_path: str | None, log_dir: str) -> str | None:
     return ckpt_path
 
 
+def check_resumable(ckpt_path: str, module: LitClassifier) -> None:
+    """Refuse, with the differences spelled out, a checkpoint of another architecture or class set."""
+    saved = torch.load(ckpt_path, map_location="cpu", weights_only=True).get("foodvision")
+    if saved is None:
+        raise ValueError(f"{ckpt_path} is not a foodvision checkpoint (no 'foodvision' metadata)")
+    problems = []
+    for key in ("kind", "name", "head", "scratch"):
+        theirs, ours = saved["model"].get(key), module.hparams.model.get(key)
+        if theirs != ours:
+            problems.append(f"model.{key}: checkpoint {theirs!r}, this run {ours!r}")
+    if saved["class_names"] != module.class_names:
+        missing = sorted(set(module.class_names) - set(saved["class_names"]))
+        extra = sorted(set(saved["class_names"]) - set(module.class_names))
+        problems.append(
+            f"classes differ (data has {missing or 'none'} not in the checkpoint; checkpoint has {extra or 'none'} not in the data)"
+        )
+    if problems:
+        raise ValueError(f"cannot resume from {ckpt_path}: " + "; ".join(problems))
+
+
 def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
-    callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c and "_target_" in c]
+    callbacks = [
+        hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c and "_target_" in c
+    ]
     if cfg.finetune.enabled:
         ft = cfg.finetune
         callbacks.append(
-            TwoStageFinetuning(ft.stage1_epochs, ft.unfreeze, ft.train_bn, ft.patience, lr_factor=ft.lr_factor)
+            TwoStageFinetuning(
+                ft.stage1_epochs, ft.unfreeze, ft.train_bn, ft.patience, lr_factor=ft.lr_factor
+            )
         )
         fc = cfg.feature_cache
         callbacks.append(FeatureCache(fc.enabled, fc.cache_dir, fc.get("prefix", True), fc.get("flip", True)))
@@ -106,12 +134,18 @@ def train(cfg: DictConfig) -> tuple[float | None, dict[str, Any]]:
     run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
 
-    datamodule: FoodDataModule = hydra.utils.instantiate(cfg.data, augment=OmegaConf.to_container(cfg.augment))
+    datamodule: FoodDataModule = hydra.utils.instantiate(
+        cfg.data, augment=OmegaConf.to_container(cfg.augment)
+    )
     datamodule.discover()
     module = build_module(cfg, datamodule)
     datamodule.preprocessing = module.preprocessing
-    loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values() if c and "_target_" in c]
-    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=build_callbacks(cfg), logger=loggers or False)
+    loggers = [
+        hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values() if c and "_target_" in c
+    ]
+    trainer: L.Trainer = hydra.utils.instantiate(
+        cfg.trainer, callbacks=build_callbacks(cfg), logger=loggers or False
+    )
     if trainer.is_global_zero:
         OmegaConf.save(cfg, run_dir / "config.yaml")
     for logger in loggers:
@@ -120,15 +154,21 @@ def train(cfg: DictConfig) -> tuple[float | None, dict[str, Any]]:
     if resume:
         log.info("resuming from %s", resume)
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+    if resume:
+        check_resumable(resume, module)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
     fit_seconds = time.time() - started
 
     metrics: dict[str, Any] = {"train_seconds": round(fit_seconds, 1), "run_dir": str(run_dir)}
     metrics.update({k: v for k, v in module.last_results.get("train", {}).items() if not isinstance(v, dict)})
-    metrics.update({k: v for k, v in module.last_results.get("val", {}).items() if not isinstance(v, (dict, list))})
+    metrics.update(
+        {k: v for k, v in module.last_results.get("val", {}).items() if not isinstance(v, (dict, list))}
+    )
     if cfg.get("test"):
-        best = getattr(trainer.checkpoint_callback, "best_model_path", "") if trainer.checkpoint_callback else ""
-        trainer.test(module, datamodule=datamodule, ckpt_path=best or None, weights_only=False)
+        best = (
+            getattr(trainer.checkpoint_callback, "best_model_path", "") if trainer.checkpoint_callback else ""
+        )
+        trainer.test(module, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
         metrics.update(module.last_results.get("test", {}))
         metrics["test/loss"] = float(trainer.callback_metrics.get("test/loss", float("nan")))
         metrics["best_checkpoint"] = best
@@ -143,7 +183,9 @@ def train(cfg: DictConfig) -> tuple[float | None, dict[str, Any]]:
                 {f"hp/{k}": v for k, v in metrics.items() if isinstance(v, float) and "/" in k},
             )
         log.info("run dir: %s", run_dir)
-        summary = {k: round(v, 4) for k, v in metrics.items() if k.startswith("test/") and isinstance(v, float)}
+        summary = {
+            k: round(v, 4) for k, v in metrics.items() if k.startswith("test/") and isinstance(v, float)
+        }
         print(f"\nrun dir: {run_dir}\ntest: {summary}\nwall time: {metrics['wall_seconds']} s", flush=True)
     value = metrics.get(cfg.get("optimized_metric") or "")
     return (float(value) if value is not None else None), metrics
