@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from foodvision.data.images import BadImageError, load_rgb
 from foodvision.data.transforms import Preprocessing
+from foodvision.hardware import cpu_has_native_bf16
 
 log = logging.getLogger(__name__)
 
@@ -299,7 +300,7 @@ def resolve_precision(precision: Any, device: torch.device) -> str:
         raise ToolError(f"precision must be auto, 32 or bf16, got {precision!r}")
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "32"
-    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "32"
+    return "bf16" if cpu_has_native_bf16() else "32"
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:

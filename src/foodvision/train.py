@@ -19,6 +19,7 @@ from foodvision.callbacks.feature_cache import FeatureCache
 from foodvision.callbacks.finetune import TwoStageFinetuning
 from foodvision.data.datamodule import FoodDataModule
 from foodvision.data.sources import default_food101_root
+from foodvision.hardware import cpu_has_native_bf16
 from foodvision.module import LitClassifier
 from foodvision.sweep import run_trial
 
@@ -31,12 +32,12 @@ CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 
 def resolve_precision(precision: Any, accelerator: str) -> Any:
-    """``auto``: bf16-mixed where it is fast (GPUs with bf16, CPUs with native bf16 kernels), else a safe default."""
+    """``auto``: bf16-mixed where it is fast (GPUs with bf16, CPUs with bf16 instructions), else a safe default."""
     if precision != "auto":
         return precision
     if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
         return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "16-mixed"
-    return "bf16-mixed" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "32-true"
+    return "bf16-mixed" if cpu_has_native_bf16() else "32-true"
 
 
 def resolve_data_root(cfg: DictConfig) -> None:

@@ -1,0 +1,18 @@
+"""What the machine can do fast: decides ``precision=auto`` for training and inference alike."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def cpu_has_native_bf16() -> bool:
+    """True where the CPU has bf16 instructions (AVX512_BF16 or AMX).
+
+    Elsewhere oneDNN emulates bf16: measured here on an AVX-512 Xeon without them, bf16 matrix products ran
+    at 30 GFLOP/s against 146 in float32, although ``torch.ops.mkldnn._is_mkldnn_bf16_supported()`` says True.
+    """
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
