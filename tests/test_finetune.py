@@ -205,7 +205,7 @@ def _cache_run(root: Path, out: Path, cache: Path, image_size: int = 32, augment
     module = make_module(dm)
     if tweak:
         tweak(module)
-    feature_cache = FeatureCache("auto", str(cache))
+    feature_cache = FeatureCache("auto", str(cache), flip=True)
     fit(module, dm, out, [TwoStageFinetuning(5, "none"), feature_cache], epochs=1)
     return feature_cache
 
@@ -259,7 +259,7 @@ def test_logits_from_cached_outputs_equal_full_model(image_folder: Path, tmp_pat
 
 def test_stage2_trains_on_cached_prefix_maps_and_resume_hits_them(image_folder: Path, tmp_path: Path) -> None:
     dm = make_datamodule(image_folder, tmp_path)
-    cache = FeatureCache("auto", str(tmp_path / "cache"))
+    cache = FeatureCache("auto", str(tmp_path / "cache"), flip=True)
     fit(make_module(dm), dm, tmp_path / "a", [TwoStageFinetuning(1, "blocks.5"), cache], epochs=2)
     built = sorted("-".join(Path(p).name.split("-")[:3]) for p in cache.builds)
     assert built == [  # one pass per split and view gives both outputs
@@ -267,7 +267,7 @@ def test_stage2_trains_on_cached_prefix_maps_and_resume_hits_them(image_folder: 
         "val-pooled-plain", "val-prefix5-plain",
     ]  # fmt: skip
 
-    resumed_cache = FeatureCache("auto", str(tmp_path / "cache"))
+    resumed_cache = FeatureCache("auto", str(tmp_path / "cache"), flip=True)
     last = str(tmp_path / "a" / "checkpoints" / "last.ckpt")
     fit(
         make_module(dm),

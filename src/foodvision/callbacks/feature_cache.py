@@ -153,7 +153,7 @@ class FeatureCache(Callback):
         enabled: str | bool = "auto",
         cache_dir: str = "data/cache/features",
         prefix: bool = True,
-        flip: bool = True,
+        flip: bool = False,
     ):
         super().__init__()
         self.enabled = enabled
