@@ -75,7 +75,6 @@ class LitClassifier(L.LightningModule):
         self.net, preprocessing, self.weights_source = build_classifier(num_classes, **model)
         self.preprocessing: Preprocessing = preprocessing
         self.class_names = list(class_names)
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         # class_weights (null, auto = inverse frequency of class_counts, or a list) weight the training loss
         # only, as Keras' class_weight does: val/test losses stay comparable with unweighted runs.
         weights = resolve_class_weights(class_weights, class_counts, num_classes)
@@ -106,12 +105,12 @@ class LitClassifier(L.LightningModule):
             return None
         inputs, targets = batch
         logits = self(inputs)
-        if stage == "train" and self.loss_weights is not None:
+        if stage == "train":  # label smoothing and class weights shape the training loss only
             loss = nn.functional.cross_entropy(
                 logits, targets, weight=self.loss_weights, label_smoothing=self.hparams.label_smoothing
             )
-        else:
-            loss = self.criterion(logits, targets)
+        else:  # plain cross-entropy: val/test losses stay comparable across runs and with eval.py
+            loss = nn.functional.cross_entropy(logits, targets)
         self.metrics[f"{stage}_"].update(logits.detach().float(), targets)
         if f"{stage}_" in self.detailed:
             self.detailed[f"{stage}_"].update(logits.detach().float(), targets)
