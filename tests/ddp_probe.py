@@ -24,7 +24,9 @@ class RankConsistencyProbe(Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args, **kwargs) -> None:
         backbone = pl_module.net.backbone
         stage = 2 if any(p.requires_grad for p in backbone.parameters()) else 1
-        frozen = state_digest(backbone) if stage == 1 else state_digest(backbone, in_prefix(self.prefix_depth))
+        frozen = (
+            state_digest(backbone) if stage == 1 else state_digest(backbone, in_prefix(self.prefix_depth))
+        )
         self.out_dir.mkdir(parents=True, exist_ok=True)
         with (self.out_dir / f"rank{trainer.global_rank}.txt").open("a") as handle:
             handle.write(f"{trainer.global_step} {state_digest(pl_module.net)} {frozen} {stage}\n")

@@ -43,7 +43,16 @@ def test_slurm_launcher_config_gives_expected_sbatch_parameters(tmp_path: Path, 
     # What the plugin does with these (hydra_submitit_launcher.submitit_launcher.BaseSubmititLauncher.launch).
     executor = submitit.AutoExecutor(folder=str(tmp_path), cluster="slurm")
     skip = {"_target_", "submitit_folder", "max_num_timeout"}
-    base = {"timeout_min", "cpus_per_task", "gpus_per_node", "tasks_per_node", "mem_gb", "nodes", "name", "stderr_to_stdout"}
+    base = {
+        "timeout_min",
+        "cpus_per_task",
+        "gpus_per_node",
+        "tasks_per_node",
+        "mem_gb",
+        "nodes",
+        "name",
+        "stderr_to_stdout",
+    }
     params = {k if k in base else f"slurm_{k}": v for k, v in launcher.items() if k not in skip}
     params["name"] = "foodvision"
     executor.update_parameters(**params)
@@ -106,11 +115,15 @@ def test_two_process_ddp_finetuning(image_folder: Path, tmp_path: Path) -> None:
 
     dm = FoodDataModule(source="imagefolder", root=str(image_folder), image_size=32, num_workers=0)
     dm.discover()
-    module = LitClassifier(dm.num_classes, dm.classes, model={**checkpoint["foodvision"]["model"], "pretrained": False})
+    module = LitClassifier(
+        dm.num_classes, dm.classes, model={**checkpoint["foodvision"]["model"], "pretrained": False}
+    )
     module.load_state_dict(checkpoint["state_dict"])
     dm.preprocessing = module.preprocessing
     import lightning as L
 
-    trainer = L.Trainer(accelerator="cpu", devices=1, precision="32-true", logger=False, enable_progress_bar=False)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, precision="32-true", logger=False, enable_progress_bar=False
+    )
     trainer.test(module, datamodule=dm, verbose=False)
     assert module.last_results["test"]["test/acc"] == pytest.approx(metrics["test/acc"])

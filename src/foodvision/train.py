@@ -99,7 +99,9 @@ def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
             )
         )
         fc = cfg.feature_cache
-        callbacks.append(FeatureCache(fc.enabled, fc.cache_dir, fc.get("prefix", True), fc.get("flip", False)))
+        callbacks.append(
+            FeatureCache(fc.enabled, fc.cache_dir, fc.get("prefix", True), fc.get("flip", False))
+        )
     return callbacks
 
 
