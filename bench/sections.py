@@ -161,6 +161,24 @@ def lit_module(num_classes: int, classes: list[str], image_size: int) -> Any:
         return LitClassifier(num_classes, classes, model={**model, "pretrained": False}, channels_last=True)
 
 
+def plain_train_steps(
+    model: nn.Module, optimizer: Any, loader: DataLoader, device: Any, limit: int | None
+) -> int:
+    """The baseline's training loop: plain forward, cross-entropy, backward, step. Returns images seen."""
+    count = 0
+    for step, (images, labels) in enumerate(loader):
+        if limit is not None and step >= limit:
+            break
+        images, labels = images.to(device), labels.to(device)
+        loss = nn.functional.cross_entropy(model(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        count += len(labels)
+    sync(device)
+    return count
+
+
 class PlainImageDataset(Dataset):
     """The baseline: ``Image.open().convert('RGB')`` and the classic torchvision eval transform."""
 
@@ -536,18 +554,7 @@ class FrozenEpoch:
     def train_batches(self, loader: DataLoader, limit: int | None = None) -> int:
         self.model.train()
         self.model.backbone.eval()  # frozen: BatchNorm statistics do not move
-        count = 0
-        for step, (images, labels) in enumerate(loader):
-            if limit is not None and step >= limit:
-                break
-            images, labels = images.to(self.device), labels.to(self.device)
-            loss = nn.functional.cross_entropy(self.model(images), labels)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            count += len(labels)
-        sync(self.device)
-        return count
+        return plain_train_steps(self.model, self.optimizer, loader, self.device, limit)
 
     # ours -------------------------------------------------------------------------------------------------
     def extract(self, samples: list[tuple[str, int]], depth: int | None = None) -> dict[str, Any]:
@@ -676,18 +683,7 @@ class Stage2Epoch(FrozenEpoch):
         for module in self.model.backbone.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.eval()  # frozen BatchNorm, as the recipe (train_bn=false)
-        count = 0
-        for step, (images, labels) in enumerate(loader):
-            if limit is not None and step >= limit:
-                break
-            images, labels = images.to(self.device), labels.to(self.device)
-            loss = nn.functional.cross_entropy(self.model(images), labels)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            count += len(labels)
-        sync(self.device)
-        return count
+        return plain_train_steps(self.model, self.optimizer, loader, self.device, limit)
 
     def run(self) -> dict[str, Any]:
         if self.side == "baseline":
