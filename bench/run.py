@@ -855,7 +855,7 @@ def markdown(document: dict[str, Any]) -> str:
         "own process, Python + torch included (importing torch and torchvision alone: "
         f"{env.get('import_peak_rss_mb', '?')} MB). Baseline: PIL `Image.open().convert('RGB')` + torchvision "
         "Resize/CenterCrop/ToTensor/Normalize, float32, NCHW, `torch.no_grad`, DataLoader. foodvision: its own "
-        "classes and functions, channels_last, bf16 autocast where oneDNN/CUDA supports it, `torch.inference_mode`, "
+        "classes and functions, channels_last, precision=auto (bf16 only on GPUs and CPUs with bf16 instructions), `torch.inference_mode`, "
         "cached features / prefix maps. Raw numbers: results.json.",
         "",
     ]

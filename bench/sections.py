@@ -9,7 +9,7 @@ Baseline = what a plain PyTorch script does: ``Image.open().convert('RGB')`` + t
 ``Resize/CenterCrop/ToTensor/Normalize``, float32, NCHW, ``torch.no_grad``, a ``DataLoader``.
 Ours = foodvision's own classes and functions (``ImageListDataset`` with JPEG draft decoding,
 ``FoodDataModule.loader``, ``LitClassifier`` + ``TwoStageFinetuning`` in a Lightning ``Trainer``,
-``extract_features``, ``Predictor``/``infer_files``), channels_last, bf16 autocast where supported,
+``extract_features``, ``Predictor``/``infer_files``), channels_last, precision=auto (bf16 only where the hardware has it),
 ``torch.inference_mode``.
 """
 
