@@ -571,12 +571,15 @@ class FrozenEpoch:
         seconds = time.perf_counter() - started
         return {"pooled": pooled, "labels": labels, "maps": maps, "seconds": seconds, "precision": precision}
 
+    def run_baseline(self) -> dict[str, Any]:
+        started = time.perf_counter()
+        count = self.train_batches(self.loader())
+        seconds = time.perf_counter() - started
+        return {"images": count, "seconds": seconds, "images_per_s": count / seconds}
+
     def run(self) -> dict[str, Any]:
         if self.side == "baseline":
-            started = time.perf_counter()
-            count = self.train_batches(self.loader())
-            seconds = time.perf_counter() - started
-            return {"images": count, "seconds": seconds, "images_per_s": count / seconds}
+            return self.run_baseline()
         extracted = self.extract(self.samples)
         extract_rate = len(extracted["labels"]) / extracted["seconds"]
         if self.features is None:
@@ -687,10 +690,7 @@ class Stage2Epoch(FrozenEpoch):
 
     def run(self) -> dict[str, Any]:
         if self.side == "baseline":
-            started = time.perf_counter()
-            count = self.train_batches(self.loader())
-            seconds = time.perf_counter() - started
-            return {"images": count, "seconds": seconds, "images_per_s": count / seconds}
+            return self.run_baseline()
         timing = self.fit(self.maps, self.labels, STAGE2_UNFREEZE)
         rows = len(self.labels)
         return {

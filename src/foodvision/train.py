@@ -151,8 +151,9 @@ def train(cfg: DictConfig) -> tuple[float | None, dict[str, Any]]:
     )
     if trainer.is_global_zero:
         OmegaConf.save(cfg, run_dir / "config.yaml")
+    hparams = _flat_hparams(cfg, datamodule, module)
     for logger in loggers:
-        logger.log_hyperparams(_flat_hparams(cfg, datamodule, module))
+        logger.log_hyperparams(hparams)
     log.info("classes (%d): %s", datamodule.num_classes, ", ".join(datamodule.classes))
     if resume:
         log.info("resuming from %s", resume)
@@ -182,7 +183,7 @@ def train(cfg: DictConfig) -> tuple[float | None, dict[str, Any]]:
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         for logger in loggers:
             logger.log_hyperparams(
-                _flat_hparams(cfg, datamodule, module),
+                hparams,
                 {f"hp/{k}": v for k, v in metrics.items() if isinstance(v, float) and "/" in k},
             )
         log.info("run dir: %s", run_dir)

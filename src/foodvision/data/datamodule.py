@@ -150,18 +150,7 @@ class FoodDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.preprocessing is None:
             raise RuntimeError("FoodDataModule.preprocessing must be set from the model before setup()")
-        data = self.discover()
-        pre = self.preprocessing
-        eval_transform = pre.eval_transform()
-        for split in SPLITS:
-            transform = build_train_transform(pre, self.augment) if split == "train" else eval_transform
-            self.datasets[split] = ImageListDataset(
-                data.splits[split],
-                transform,
-                draft_size=pre.resize_size,
-                skip_bad_images=self.skip_bad_images,
-                bad_images_log=self.bad_images_log,
-            )
+        self.datasets = {split: self.image_dataset(split, augmented=split == "train") for split in SPLITS}
 
     def image_dataset(self, split: str, augmented: bool = False) -> ImageListDataset:
         """A split's images with the eval transform (or the train transform when ``augmented``)."""
