@@ -14,7 +14,7 @@ from torch import nn
 
 from foodvision.cli import run_tool
 from foodvision.evaluate import classification_metrics, evaluate
-from foodvision.inference import ClassMismatchError, ModelLoadError, Predictor
+from foodvision.inference import ClassMismatchError, ModelLoadError, Predictor, ToolError
 
 from .conftest import TinyRun, compose_tool, make_class_tree
 
@@ -206,3 +206,37 @@ def test_eval_missing_checkpoint_exits_with_one_clear_line(
         run_tool(evaluate, cfg)
     assert exit_info.value.code == 1
     assert capsys.readouterr().err.strip() == f"error: model file {tmp_path / 'nope.ckpt'} does not exist"
+
+
+def test_eval_with_torch_and_onnxruntime_engines_agree(tiny_run: TinyRun, tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    common = ("precision=32", "device=cpu", "num_workers=0")
+    by_torch = run_eval(tiny_run, tmp_path / "torch", "engine=torch", *common)
+    by_ort = run_eval(tiny_run, tmp_path / "ort", "engine=onnxruntime", *common)
+    assert (by_torch["engine"], by_ort["engine"]) == ("torch", "onnxruntime")
+    assert by_ort["accuracy"] == by_torch["accuracy"]
+    assert by_ort["loss"] == pytest.approx(by_torch["loss"], rel=1e-4, abs=1e-6)
+    rows_torch = read_csv(tmp_path / "torch" / "predictions.csv")
+    rows_ort = read_csv(tmp_path / "ort" / "predictions.csv")
+    assert [(r["file"], r["predicted"]) for r in rows_ort] == [
+        (r["file"], r["predicted"]) for r in rows_torch
+    ]
+    for a, b in zip(rows_ort, rows_torch, strict=True):
+        assert float(a["confidence"]) == pytest.approx(float(b["confidence"]), abs=1e-4)
+
+
+def test_unknown_or_impossible_engine_is_a_clear_error(
+    tiny_run: TinyRun, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    message = "engine must be one of auto, torch, onnxruntime, got 'bogus'"
+    with pytest.raises(ToolError, match=message):
+        Predictor(tiny_run.checkpoint, engine="bogus")
+    cfg = compose_tool("eval", f"ckpt_path={tiny_run.checkpoint}", f"output_dir={tmp_path}", "engine=bogus")
+    with pytest.raises(SystemExit) as exit_info:
+        run_tool(evaluate, cfg)
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err.strip() == f"error: {message}"
+    assert not any(tmp_path.iterdir())
+    pytest.importorskip("onnxruntime")
+    with pytest.raises(ToolError, match="engine=onnxruntime runs float32 on the CPU"):
+        Predictor(tiny_run.checkpoint, device="cpu", precision="bf16", engine="onnxruntime")

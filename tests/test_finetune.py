@@ -12,7 +12,12 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch.utils.data import TensorDataset
 
-from foodvision.callbacks.feature_cache import FeatureCache, RandomViewDataset, extract_features
+from foodvision.callbacks.feature_cache import (
+    FeatureCache,
+    RandomViewDataset,
+    extract_features,
+    frozen_forward,
+)
 from foodvision.callbacks.finetune import TwoStageFinetuning, select_groups
 from foodvision.data.datamodule import FoodDataModule
 from foodvision.module import LitClassifier
@@ -234,8 +239,10 @@ def test_cache_not_used_with_augmentation(image_folder: Path, tmp_path: Path) ->
     assert not run.builds and not run.hits and not (tmp_path / "cache").exists()
 
 
-@pytest.mark.parametrize("bf16", [False, True])
-def test_logits_from_cached_outputs_equal_full_model(image_folder: Path, tmp_path: Path, bf16: bool) -> None:
+@pytest.mark.parametrize(("engine", "bf16"), [("torch", False), ("torch", True), ("onnxruntime", False)])
+def test_logits_from_cached_outputs_equal_full_model(
+    image_folder: Path, tmp_path: Path, engine: str, bf16: bool
+) -> None:
     dm = make_datamodule(image_folder, tmp_path)
     module = make_module(dm).eval()
     dm.setup("fit")
@@ -244,7 +251,8 @@ def test_logits_from_cached_outputs_equal_full_model(image_folder: Path, tmp_pat
     def context():
         return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
 
-    pooled, labels, maps = extract_features(module, loader, context, "test", depth=5)
+    run = frozen_forward(module, engine, context, depth=5)
+    pooled, labels, maps = extract_features(module, loader, run, "test")
     images, targets = next(iter(loader))
     with torch.inference_mode(), context():
         full = module(images).float()
@@ -252,7 +260,7 @@ def test_logits_from_cached_outputs_equal_full_model(image_folder: Path, tmp_pat
         module.prefix_depth = 5
         from_maps = module(maps).float()
     assert torch.equal(labels, targets)
-    tolerance = 1e-2 if bf16 else 1e-5
+    tolerance = 1e-2 if bf16 else (1e-4 if engine == "onnxruntime" else 1e-5)
     assert torch.allclose(full, from_pooled, atol=tolerance), (full - from_pooled).abs().max()
     assert torch.allclose(full, from_maps, atol=tolerance), (full - from_maps).abs().max()
 
@@ -297,8 +305,9 @@ def test_mirrored_view_is_the_mirrored_photo_and_both_views_are_drawn(
     module = make_module(dm).eval()
     dm.setup("fit")
     loader = dm.loader(dm.image_dataset("train"), shuffle=False, batch_size=64)
-    plain, labels, _ = extract_features(module, loader, contextlib.nullcontext, "plain")
-    mirrored, _, _ = extract_features(module, loader, contextlib.nullcontext, "mirrored", flip=True)
+    run = frozen_forward(module, "torch", contextlib.nullcontext, None)
+    plain, labels, _ = extract_features(module, loader, run, "plain")
+    mirrored, _, _ = extract_features(module, loader, run, "mirrored", flip=True)
     images, _ = next(iter(loader))
     with torch.inference_mode():
         assert torch.allclose(module.net.backbone(images.flip(-1)), mirrored[: len(images)], atol=1e-5)
@@ -308,3 +317,28 @@ def test_mirrored_view_is_the_mirrored_photo_and_both_views_are_drawn(
     torch.manual_seed(0)
     drawn = {bool(torch.equal(views[0][0], mirrored[0])) for _ in range(40)}
     assert drawn == {False, True}
+
+
+def test_augmented_views_are_fixed_per_photo_distinct_and_cached(image_folder: Path, tmp_path: Path) -> None:
+    """``feature_cache.views``: each view is one seeded augmentation per photo (the same when rebuilt, so a
+    cache of it is valid), views differ from each other and from the plain photo, and a rerun hits them."""
+    dm = make_datamodule(image_folder, tmp_path)
+    make_module(dm)
+    dm.setup("fit")
+    crop = {"name": "crop", "min_scale": 0.3}
+    first = dm.image_dataset("train", True, crop, item_seed=7)
+    assert torch.equal(first[0][0], dm.image_dataset("train", True, crop, item_seed=7)[0][0])
+    assert not torch.equal(first[0][0], dm.image_dataset("train", True, crop, item_seed=8)[0][0])
+    assert not torch.equal(first[0][0], dm.image_dataset("train")[0][0])
+
+    def run(out: Path) -> FeatureCache:
+        cache = FeatureCache("auto", str(tmp_path / "cache"), views=2, engine="onnxruntime")
+        data = make_datamodule(image_folder, out)
+        fit(make_module(data), data, out, [TwoStageFinetuning(1, "blocks.5"), cache], epochs=2)
+        return cache
+
+    built = run(tmp_path / "a").builds
+    train_views = sorted(Path(p).name.split("-")[2] for p in built if Path(p).name.startswith("train-pooled"))
+    assert train_views == ["augment0", "augment1", "plain"]
+    again = run(tmp_path / "b")
+    assert not again.builds and len(again.hits) == 4  # pooled features of 3 train views and of val

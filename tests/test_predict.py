@@ -10,9 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from foodvision.evaluate import evaluate
+from foodvision.inference import Predictor
 from foodvision.predict import EXIT_NOTHING_PREDICTED, EXIT_SOME_FAILED, collect_inputs, predict, run
 
 from .conftest import ROOT, TinyRun, compose_tool
@@ -46,6 +48,23 @@ def test_probabilities_sum_to_one_and_top1_matches_eval(tiny_run: TinyRun, tmp_p
         assert probabilities[0] == pytest.approx(float(expected[row["file"]]["confidence"]), abs=1e-5)
     saved = json.loads(output.read_text())
     assert saved["predictions"] == rows and saved["failed"] == []
+
+
+def test_onnxruntime_engine_gives_the_torch_logits(tiny_run: TinyRun) -> None:
+    pytest.importorskip("onnxruntime")
+    by_torch = Predictor(tiny_run.checkpoint, device="cpu", precision="32", engine="torch")
+    by_ort = Predictor(tiny_run.checkpoint, device="cpu", precision="32", engine="onnxruntime")
+    assert (by_torch.engine, by_ort.engine) == ("torch", "onnxruntime")
+    assert by_torch.describe().endswith("cpu float32 on torch")
+    assert by_ort.describe().endswith("cpu float32 on onnxruntime")
+    # auto: ONNX Runtime for float32 on a CPU; PyTorch for bf16
+    assert Predictor(tiny_run.checkpoint, device="cpu", precision="32").engine == "onnxruntime"
+    assert Predictor(tiny_run.checkpoint, device="cpu", precision="bf16").engine == "torch"
+    for batch in (5, 1):  # exported with batch 1; any batch size runs
+        images = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(batch))
+        expected = by_torch.logits(images)
+        scale = float(expected.abs().max())
+        torch.testing.assert_close(by_ort.logits(images), expected, rtol=1e-4, atol=1e-4 * scale)
 
 
 def odd_images(folder: Path) -> dict[str, Path]:

@@ -259,7 +259,9 @@ def _f(value: float) -> str:
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate ``cfg.ckpt_path`` on ``cfg.data.split``; writes the eval dir and returns its metrics."""
     ckpt_path = required(cfg, "ckpt_path", "ckpt_path=lightning_logs/runs/<run>/checkpoints/last.ckpt")
-    predictor = Predictor(ckpt_path, cfg.get("device", "auto"), cfg.get("precision", "auto"))
+    predictor = Predictor(
+        ckpt_path, cfg.get("device", "auto"), cfg.get("precision", "auto"), cfg.get("engine", "auto")
+    )
     log.info("model: %s", predictor.describe())
     run_dir = run_dir_of(predictor.path)
     split = normalise_split(cfg.data.get("split", "test"))
@@ -317,6 +319,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             "checkpoint": str(predictor.path),
             "model": predictor.info.architecture,
             "precision": predictor.precision,
+            "engine": predictor.engine,
             "data": f"{splits.origin}; {origin}",
         }
     )

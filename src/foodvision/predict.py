@@ -184,7 +184,9 @@ def predict(cfg: DictConfig) -> tuple[int, list[dict[str, Any]], list[tuple[str,
     output = Path(cfg.output) if cfg.get("output") else None
     if output is not None and output.suffix.lower() not in (".csv", ".json"):
         raise ToolError(f"output must end in .csv or .json, got {output}")
-    predictor = Predictor(ckpt_path, cfg.get("device", "auto"), cfg.get("precision", "auto"))
+    predictor = Predictor(
+        ckpt_path, cfg.get("device", "auto"), cfg.get("precision", "auto"), cfg.get("engine", "auto")
+    )
     log.info("model: %s", predictor.describe())
     found = collect_inputs(raw)
     if found.ignored:

@@ -100,7 +100,16 @@ def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
         )
         fc = cfg.feature_cache
         callbacks.append(
-            FeatureCache(fc.enabled, fc.cache_dir, fc.get("prefix", True), fc.get("flip", False))
+            FeatureCache(
+                fc.enabled,
+                fc.cache_dir,
+                fc.get("prefix", True),
+                fc.get("flip", False),
+                views=fc.get("views", 0),
+                view_augment=OmegaConf.to_container(fc.view_augment) if fc.get("view_augment") else None,
+                engine=fc.get("engine", "auto"),
+                seed=cfg.seed,
+            )
         )
     return callbacks
 

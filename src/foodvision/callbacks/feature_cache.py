@@ -26,6 +26,7 @@ from torch.utils.data import Dataset, TensorDataset
 from tqdm.auto import tqdm
 
 from foodvision.callbacks.finetune import TwoStageFinetuning
+from foodvision.engine import OnnxRuntimeModule, resolve_engine
 
 log = logging.getLogger(__name__)
 
@@ -80,43 +81,82 @@ def feature_cache_key(
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
 
 
+def frozen_forward(
+    pl_module: L.LightningModule, engine: str, forward_context: Any, depth: int | None
+) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]:
+    """images -> (pooled features, prefix maps or None) of the frozen backbone in eval mode, run by
+    ``engine`` (``torch`` under the trainer's precision, or ``onnxruntime`` in float32)."""
+    net = pl_module.net
+    channels_last = pl_module.hparams.get("channels_last", False)
+    if engine == "onnxruntime":
+        size = pl_module.preprocessing.image_size
+        exported = PooledAndPrefix(net, depth)
+        runner = OnnxRuntimeModule(
+            exported, torch.zeros(1, 3, size, size), ["pooled"] + (["prefix"] if depth is not None else [])
+        )
+
+        def run_onnx(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+            outputs = runner(images)
+            return (outputs[0], outputs[1]) if depth is not None else (outputs, None)  # type: ignore[return-value]
+
+        return run_onnx
+
+    def run_torch(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        images = images.to(pl_module.device)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with forward_context():
+            if depth is None:
+                return net.backbone(images).float().cpu(), None
+            prefix = net.forward_prefix(images, depth)
+            return net.forward_suffix(prefix, depth).float().cpu(), prefix.cpu().contiguous()
+
+    return run_torch
+
+
+class PooledAndPrefix(torch.nn.Module):
+    """The backbone as one exportable graph with its pooled output and (with ``depth``) the prefix maps."""
+
+    def __init__(self, net: torch.nn.Module, depth: int | None):
+        super().__init__()
+        self.net, self.depth = net, depth
+
+    def forward(self, images: torch.Tensor) -> Any:
+        if self.depth is None:
+            return self.net.backbone(images)
+        prefix = self.net.forward_prefix(images, self.depth)
+        return self.net.forward_suffix(prefix, self.depth), prefix
+
+
 @torch.inference_mode()
 def extract_features(
     pl_module: L.LightningModule,
     loader: torch.utils.data.DataLoader,
-    forward_context: Any,
+    run: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]],
     desc: str,
-    depth: int | None = None,
     flip: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Pooled backbone features, labels and (with ``depth``) the frozen prefix's feature maps of every
-    readable image of ``loader``, in order, from one pass of the backbone in eval mode (of the mirrored
-    images with ``flip``)."""
-    net = pl_module.net
-    was_training = net.backbone.training
-    net.backbone.eval()
+    """Pooled backbone features, labels and (when ``run`` gives them) the frozen prefix's feature maps of
+    every readable image of ``loader``, in order, from one pass of the backbone in eval mode (of the
+    mirrored images with ``flip``)."""
+    backbone = pl_module.net.backbone
+    was_training = backbone.training
+    backbone.eval()
     pooled, labels, maps = [], [], []
     try:
         for batch in tqdm(loader, desc=desc, unit="batch", dynamic_ncols=True):
             if batch is None:
                 continue
             images, targets = batch
-            images = images.to(pl_module.device)
             if flip:
                 images = images.flip(-1)
-            if pl_module.hparams.get("channels_last", False):
-                images = images.contiguous(memory_format=torch.channels_last)
-            with forward_context():
-                if depth is None:
-                    features = net.backbone(images)
-                else:
-                    prefix = net.forward_prefix(images, depth)
-                    features = net.forward_suffix(prefix, depth)
-                    maps.append(prefix.cpu().contiguous())
-            pooled.append(features.float().cpu())
+            features, prefix = run(images)
+            pooled.append(features.float())
             labels.append(targets.cpu())
+            if prefix is not None:
+                maps.append(prefix)
     finally:
-        net.backbone.train(was_training)
+        backbone.train(was_training)
     return torch.cat(pooled), torch.cat(labels), (torch.cat(maps) if maps else None)
 
 
@@ -145,7 +185,10 @@ class FeatureCache(Callback):
     on those feature maps. ``enabled``: ``auto`` caches when the datamodule does no augmentation;
     ``true`` caches stage 1 even then (augmentation applies from stage 2 on, on images); ``false`` never
     caches. ``prefix=false`` keeps stage 2 on images. ``flip`` (exact horizontal-flip augmentation) caches
-    the train split a second time from mirrored photos; each epoch draws one view per sample.
+    the train split a second time from mirrored photos; ``views`` caches it that many more times, each
+    photo under its own fixed random augmentation per view (``view_augment``, a random resized crop and
+    flip by default, seeded); each epoch draws one of the cached views per sample. ``engine``: what runs
+    the frozen backbone (``auto``: ONNX Runtime for float32 on a CPU, several times faster than eager).
     """
 
     def __init__(
@@ -154,10 +197,19 @@ class FeatureCache(Callback):
         cache_dir: str = "data/cache/features",
         prefix: bool = True,
         flip: bool = False,
+        views: int = 0,
+        view_augment: dict[str, Any] | None = None,
+        engine: str = "auto",
+        seed: int = 0,
     ):
         super().__init__()
         self.enabled = enabled
         self.flip = flip
+        self.views = int(views)
+        self.view_augment = dict(view_augment or {"name": "crop", "min_scale": 0.35})
+        self.engine = engine
+        self.seed = int(seed)
+        self._runner: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]] | None = None
         self.cache_dir = Path(cache_dir)
         self.prefix = prefix
         self.mode: str | None = None  # "pooled" or "prefix" while the datamodule serves cached tensors
@@ -198,6 +250,7 @@ class FeatureCache(Callback):
             self.mode = "pooled"
         elif self.depth is not None:  # resumed in stage 2
             self._use_prefix_maps(trainer, pl_module)
+        self._runner = None  # the exported backbone snapshot is not needed after the caches are built
 
     def _use_prefix_maps(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         datamodule = trainer.datamodule
@@ -215,9 +268,11 @@ class FeatureCache(Callback):
     def load_or_build(
         self, trainer: L.Trainer, pl_module: L.LightningModule, split: str, output: str
     ) -> Dataset:
-        """``output`` is ``pooled`` or ``prefixK``. With ``flip`` the train split is cached twice, from the
-        photos and from their mirror images, and each epoch draws one of the two views per sample."""
-        views = ("plain", "flip") if self.flip and split == "train" else ("plain",)
+        """``output`` is ``pooled`` or ``prefixK``. The train split is cached once per view (the photos; with
+        ``flip`` their mirror images; ``views`` augmented views) and each epoch draws one view per sample."""
+        views = ["plain"]
+        if split == "train":
+            views += (["flip"] if self.flip else []) + [f"augment{k}" for k in range(self.views)]
         sets = [self._load_or_build_view(trainer, pl_module, split, output, view) for view in views]
         return sets[0] if len(sets) == 1 else RandomViewDataset(sets)
 
@@ -229,11 +284,14 @@ class FeatureCache(Callback):
         datamodule = trainer.datamodule
         paths = [path for path, _ in datamodule.discover().splits[split]]
         name = pl_module.hparams.model.get("name", "scratch")
-        pre, precision = pl_module.preprocessing.to_dict(), str(trainer.precision)
+        engine = resolve_engine(self.engine, pl_module.device, str(trainer.precision))
+        pre, precision = pl_module.preprocessing.to_dict(), f"{engine}:{trainer.precision}"
         backbone = pl_module.net.backbone
+        augment = view.startswith("augment")
+        view_spec = f"{view}:{json.dumps(self.view_augment, sort_keys=True)}:{self.seed}" if augment else view
 
         def cache_path(kind: str, digest: str) -> Path:
-            key = feature_cache_key(name, digest, pre, paths, precision, f"{kind}:{view}")
+            key = feature_cache_key(name, digest, pre, paths, precision, f"{kind}:{view_spec}")
             return self.cache_dir / f"{split}-{kind}-{view}-{key}.pt"
 
         pooled_path = cache_path("pooled", state_digest(backbone))
@@ -243,15 +301,23 @@ class FeatureCache(Callback):
         wanted = pooled_path if output == "pooled" else prefix_path
         assert wanted is not None
         if trainer.is_global_zero and not wanted.is_file():
-            loader = datamodule.loader(
-                datamodule.image_dataset(split), shuffle=False, batch_size=datamodule.eval_batch_size
+            dataset = (
+                datamodule.image_dataset(
+                    split, True, self.view_augment, item_seed=self.seed * 10_007 + int(view[len("augment") :])
+                )
+                if augment
+                else datamodule.image_dataset(split)
             )
+            loader = datamodule.loader(dataset, shuffle=False, batch_size=datamodule.eval_batch_size)
+            if self._runner is None:
+                self._runner = frozen_forward(
+                    pl_module, engine, trainer.precision_plugin.forward_context, self.depth
+                )
             features, labels, maps = extract_features(
                 pl_module,
                 loader,
-                trainer.precision_plugin.forward_context,
-                f"caching {split} features" + (" (mirrored)" if view == "flip" else ""),
-                self.depth,
+                self._runner,
+                f"caching {split} features" + ("" if view == "plain" else f" ({view})"),
                 flip=view == "flip",
             )
             if output == "pooled":

@@ -152,11 +152,18 @@ class FoodDataModule(L.LightningDataModule):
             raise RuntimeError("FoodDataModule.preprocessing must be set from the model before setup()")
         self.datasets = {split: self.image_dataset(split, augmented=split == "train") for split in SPLITS}
 
-    def image_dataset(self, split: str, augmented: bool = False) -> ImageListDataset:
-        """A split's images with the eval transform (or the train transform when ``augmented``)."""
+    def image_dataset(
+        self,
+        split: str,
+        augmented: bool = False,
+        augment: Mapping[str, Any] | None = None,
+        item_seed: int | None = None,
+    ) -> ImageListDataset:
+        """A split's images with the eval transform, or the train transform when ``augmented`` (of
+        ``augment`` when given, else of the datamodule's preset); ``item_seed`` fixes each image's draw."""
         assert self.preprocessing is not None
         transform = (
-            build_train_transform(self.preprocessing, self.augment)
+            build_train_transform(self.preprocessing, augment or self.augment)
             if augmented
             else self.preprocessing.eval_transform()
         )
@@ -166,6 +173,7 @@ class FoodDataModule(L.LightningDataModule):
             draft_size=self.preprocessing.resize_size,
             skip_bad_images=self.skip_bad_images,
             bad_images_log=self.bad_images_log,
+            item_seed=item_seed,
         )
 
     @property

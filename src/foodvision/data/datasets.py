@@ -22,7 +22,8 @@ class ImageListDataset(Dataset):
 
     With ``skip_bad_images`` a file that cannot be decoded yields ``None`` (dropped by
     :func:`collate_skipping_none`) and its path is appended to ``bad_images_log``; without it,
-    :class:`BadImageError` names the file.
+    :class:`BadImageError` names the file. With ``item_seed`` a random transform draws the same result
+    for an index every time (seeded from ``item_seed`` and the index), so an augmented view can be cached.
     """
 
     def __init__(
@@ -32,12 +33,14 @@ class ImageListDataset(Dataset):
         draft_size: int | None = None,
         skip_bad_images: bool = False,
         bad_images_log: str | Path | None = None,
+        item_seed: int | None = None,
     ):
         self.samples = list(samples)
         self.transform = transform
         self.draft_size = draft_size
         self.skip_bad_images = skip_bad_images
         self.bad_images_log = Path(bad_images_log) if bad_images_log else None
+        self.item_seed = item_seed
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -52,7 +55,11 @@ class ImageListDataset(Dataset):
                 raise
             self._record_bad(error)
             return None
-        return self.transform(image), label
+        if self.item_seed is None:
+            return self.transform(image), label
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.item_seed * 1_000_003 + index) % 2**63)
+            return self.transform(image), label
 
     def _record_bad(self, error: BadImageError) -> None:
         log.warning("skipping %s (%s)", error.path, error.reason)

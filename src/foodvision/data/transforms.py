@@ -68,14 +68,15 @@ class Preprocessing:
         return v2.Compose(self.resize_crop() + self.tensor_steps())
 
 
-AUGMENT_PRESETS = ("none", "seed", "light", "randaugment")
+AUGMENT_PRESETS = ("none", "crop", "seed", "light", "randaugment")
 
 
 def build_train_transform(pre: Preprocessing, augment: Mapping[str, Any] | None) -> v2.Compose:
     """Train-time transform for an augmentation preset (see ``conf/augment/``).
 
     ``none`` is exactly the eval transform, which is what lets a frozen backbone's features be
-    cached. ``seed`` mirrors the Keras reference (flip, rotation, zoom, translation); ``light`` adds
+    cached. ``crop`` is a random resized crop and a horizontal flip (the views the feature cache can
+    store, ``feature_cache.views``). ``seed`` mirrors the Keras reference (flip, rotation, zoom, translation); ``light`` adds
     colour jitter; ``randaugment`` uses TrivialAugment (or RandAugment) plus random erasing.
     """
     augment = dict(augment or {"name": "none"})
@@ -85,6 +86,11 @@ def build_train_transform(pre: Preprocessing, augment: Mapping[str, Any] | None)
     if name == "none":
         return pre.eval_transform()
     interpolation = pre.interpolation_mode
+    if name == "crop":
+        crop = v2.RandomResizedCrop(
+            pre.image_size, scale=(augment.get("min_scale", 0.35), 1.0), interpolation=interpolation
+        )
+        return v2.Compose([crop, v2.RandomHorizontalFlip(), *pre.tensor_steps()])
     if name == "randaugment":
         policy = (
             v2.RandAugment(num_ops=augment.get("num_ops", 2), magnitude=augment.get("magnitude", 9))
