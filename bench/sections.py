@@ -403,11 +403,16 @@ class Inference:
             self.images = images.to(self.device)
             self.precision = "32"
         else:
+            from foodvision.engine import OnnxRuntimeModule, resolve_engine
+
             images, _ = load_all(ours_loader(cfg, samples, self.pre, 64))
             self.batch = int(cfg["ours_batch"])
             self.model = model.eval().to(self.device, memory_format=torch.channels_last)
             self.images = images.to(self.device).contiguous(memory_format=torch.channels_last)
             self.precision = precision_for(self.device)
+            self.engine = resolve_engine("auto", self.device, self.precision)
+            if self.engine == "onnxruntime":
+                self.runner = OnnxRuntimeModule(self.model, self.images[:1])
         self.batches = list(self.images.split(self.batch))
         self.flops_per_image = None
         if side == "baseline":
@@ -417,12 +422,22 @@ class Inference:
                 self.model(self.images[:1])
             self.flops_per_image = int(counter.get_total_flops())
         self.forward(self.batches[:1] + self.batches[-1:])  # warm-up: oneDNN primitives of both batch shapes
-        if side == "ours" and self.precision != "32":
-            self.forward(self.batches[:1] + self.batches[-1:], "32")
+        if self.alternative():
+            self.forward(self.batches[:1] + self.batches[-1:], *self.alternative())
         say(
             cfg,
-            f"{side}: {len(self.images)} preloaded images, batch {self.batch}, precision {self.precision}",
+            f"{side}: {len(self.images)} preloaded images, batch {self.batch}, precision {self.precision}"
+            + (f", engine {self.engine}" if side == "ours" else ""),
         )
+
+    def alternative(self) -> tuple[str, str] | None:
+        """foodvision's path without its fastest part, measured in the same process: eager PyTorch
+        (channels_last) where ONNX Runtime runs, float32 where bf16 autocast runs."""
+        if self.side != "ours":
+            return None
+        if self.engine == "onnxruntime":
+            return ("32", "torch")
+        return ("32", "torch") if self.precision != "32" else None
 
     def context(self, precision: str | None = None) -> contextlib.ExitStack:
         from foodvision.inference import autocast
@@ -435,7 +450,13 @@ class Inference:
             stack.enter_context(autocast(self.device, precision or self.precision))
         return stack
 
-    def forward(self, batches: list[torch.Tensor], precision: str | None = None) -> None:
+    def forward(
+        self, batches: list[torch.Tensor], precision: str | None = None, engine: str | None = None
+    ) -> None:
+        if self.side == "ours" and (engine or self.engine) == "onnxruntime":
+            for batch in batches:
+                self.runner(batch)
+            return
         with self.context(precision):
             for batch in batches:
                 self.model(batch)
@@ -447,12 +468,11 @@ class Inference:
         self.forward(self.batches)
         seconds = time.perf_counter() - started
         result = {"images": count, "seconds": seconds, "images_per_s": count / seconds}
-        if self.side == "ours" and self.precision != "32":
-            # The same path without bf16 (channels_last + inference_mode + batch only): what bf16 adds.
+        if self.alternative():
             started = time.perf_counter()
-            self.forward(self.batches, "32")
-            result["fp32_seconds"] = time.perf_counter() - started
-            result["fp32_images_per_s"] = count / result["fp32_seconds"]
+            self.forward(self.batches, *self.alternative())
+            result["alt_seconds"] = time.perf_counter() - started
+            result["alt_images_per_s"] = count / result["alt_seconds"]
         return result
 
     def finish(self) -> dict[str, Any]:
@@ -460,6 +480,8 @@ class Inference:
             "batch": self.batch,
             "precision": self.precision,
             "channels_last": self.side != "baseline",
+            "engine": getattr(self, "engine", "torch"),
+            "alternative": "eager PyTorch channels_last fp32" if self.alternative() else None,
             "flops_per_image": self.flops_per_image,
             "weights": self.weights,
         }
@@ -497,8 +519,8 @@ class Inference:
             }
         files = [path for path, _ in samples]
         result: dict[str, Any] = {"images": len(samples)}
-        for key, precision in (("acc", "auto"), ("acc_fp32", "32")):
-            predictor = Predictor(ckpt, device=str(self.device), precision=precision)
+        for key, precision, engine in (("acc", "auto", "auto"), ("acc_fp32", "32", "torch")):
+            predictor = Predictor(ckpt, device=str(self.device), precision=precision, engine=engine)
             if list(predictor.class_names) != list(self.data.classes):
                 return {
                     "skipped": f"checkpoint classes {predictor.class_names[:3]}... differ from the data's"
@@ -509,7 +531,7 @@ class Inference:
             predicted = out.logits.argmax(1)
             result[key] = (predicted == labels[out.indices]).float().mean().item()
             if key == "acc":
-                result["precision"] = predictor.precision
+                result["precision"] = f"{predictor.precision} on {predictor.engine}"
                 result["path"] = f"Predictor + infer_files ({predictor.describe().split(': ', 1)[-1]})"
         result["seconds"] = time.perf_counter() - started
         return result
@@ -558,18 +580,26 @@ class FrozenEpoch:
 
     # ours -------------------------------------------------------------------------------------------------
     def extract(self, samples: list[tuple[str, int]], depth: int | None = None) -> dict[str, Any]:
-        from foodvision.callbacks.feature_cache import extract_features
+        from foodvision.callbacks.feature_cache import extract_features, frozen_forward
+        from foodvision.engine import resolve_engine
         from foodvision.inference import autocast
 
         loader = ours_loader(self.cfg, samples, self.pre, int(self.cfg["extract_batch"]))
         precision = precision_for(self.device)
-        started = time.perf_counter()
-        pooled, labels, maps = extract_features(
-            self.module, loader, lambda: autocast(self.device, precision), "bench", depth
-        )
+        engine = resolve_engine("auto", self.device, precision)
+        started = time.perf_counter()  # the in-memory ONNX export is part of what extraction costs
+        run = frozen_forward(self.module, engine, lambda: autocast(self.device, precision), depth)
+        pooled, labels, maps = extract_features(self.module, loader, run, "bench")
         sync(self.device)
         seconds = time.perf_counter() - started
-        return {"pooled": pooled, "labels": labels, "maps": maps, "seconds": seconds, "precision": precision}
+        return {
+            "pooled": pooled,
+            "labels": labels,
+            "maps": maps,
+            "seconds": seconds,
+            "precision": precision,
+            "engine": engine,
+        }
 
     def run_baseline(self) -> dict[str, Any]:
         started = time.perf_counter()
