@@ -72,13 +72,13 @@ def make_datamodule(root: Path, out: Path, augment: str = "none", image_size: in
     return dm
 
 
-def make_module(dm: FoodDataModule, lr: float = 1e-2) -> LitClassifier:
+def make_module(dm: FoodDataModule, lr: float = 1e-2, scheduler: str = "cosine") -> LitClassifier:
     module = LitClassifier(
         dm.num_classes,
         dm.classes,
         model={**MODEL, "image_size": dm.image_size},
         optimizer={"name": "adamw", "lr": lr, "weight_decay": 1e-2},
-        scheduler={"name": "cosine"},
+        scheduler={"name": scheduler},
         backbone_lr_factor=0.1,
         max_epochs=4,
     )
@@ -181,6 +181,44 @@ def test_resume_mid_stage2_keeps_trainable_set_modes_and_param_groups(
     assert resumed.norms_training[2] == 0
     assert resumed.group_lrs[2] == pytest.approx(straight.group_lrs[2])
     assert len(resumed.group_lrs[2]) == 2
+
+
+class BatchLRs(Callback):
+    """The learning rate of every group at every training batch, by (epoch, batch)."""
+
+    def __init__(self) -> None:
+        self.lrs: dict[tuple[int, int], list[float]] = {}
+
+    def on_train_batch_end(self, trainer: L.Trainer, module, outputs, batch, batch_idx: int) -> None:
+        self.lrs[(trainer.current_epoch, batch_idx)] = [g["lr"] for g in trainer.optimizers[0].param_groups]
+
+
+def test_stage2_schedule_warms_up_decays_and_resumes_exactly(image_folder: Path, tmp_path: Path) -> None:
+    dm = make_datamodule(image_folder, tmp_path)
+
+    def finetune() -> TwoStageFinetuning:
+        return TwoStageFinetuning(1, "blocks.5", schedule="cosine", warmup_epochs=1.0)
+
+    with pytest.raises(ValueError, match="scheduler=none"):  # two schedules would fight over the LR
+        fit(make_module(dm), dm, tmp_path / "x", [finetune()], epochs=1)
+    straight = BatchLRs()
+    fit(make_module(dm, scheduler="none"), dm, tmp_path / "a", [finetune(), straight], epochs=4)
+    base = [1e-2, 1e-3]  # head lr, backbone lr * lr_factor (make_module)
+    stage1 = [lrs for (epoch, _), lrs in straight.lrs.items() if epoch == 0]
+    stage2 = [lrs for (epoch, _), lrs in sorted(straight.lrs.items()) if epoch >= 1]
+    assert all(lrs == pytest.approx(base) for lrs in stage1)
+    head = [lrs[0] for lrs in stage2]
+    assert head[0] < 0.6 * base[0]  # warm-up: the first stage-2 steps are small
+    assert max(head) <= base[0] * (1 + 1e-9) and head[-1] < 0.2 * base[0]  # cosine decay to ~0
+    assert all(lrs[1] == pytest.approx(lrs[0] * 0.1) for lrs in stage2)  # groups keep their ratio
+
+    interrupted = tmp_path / "b"
+    fit(make_module(dm, scheduler="none"), dm, interrupted, [finetune()], epochs=2)
+    resumed = BatchLRs()
+    last = str(interrupted / "checkpoints" / "last.ckpt")
+    fit(make_module(dm, scheduler="none"), dm, interrupted, [finetune(), resumed], epochs=4, ckpt_path=last)
+    assert resumed.lrs and all(resumed.lrs[key] == pytest.approx(straight.lrs[key]) for key in resumed.lrs)
+    assert {epoch for epoch, _ in resumed.lrs} == {2, 3}
 
 
 def test_resume_in_stage1_stays_in_stage1(image_folder: Path, tmp_path: Path) -> None:

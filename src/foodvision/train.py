@@ -95,7 +95,13 @@ def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
         ft = cfg.finetune
         callbacks.append(
             TwoStageFinetuning(
-                ft.stage1_epochs, ft.unfreeze, ft.train_bn, ft.patience, lr_factor=ft.lr_factor
+                ft.stage1_epochs,
+                ft.unfreeze,
+                ft.train_bn,
+                ft.patience,
+                lr_factor=ft.lr_factor,
+                schedule=ft.get("schedule", "constant"),
+                warmup_epochs=ft.get("warmup_epochs", 0.0),
             )
         )
         fc = cfg.feature_cache

@@ -10,6 +10,10 @@ epoch (Lightning #21901) and adds optimizer groups mid-run (schedulers miss them
   parameters just have no gradient, so nothing about the optimizer or scheduler changes at the switch;
 * frozen normalisation layers are put in eval mode at the start of every training epoch, so neither
   their affine weights nor their running mean/variance move;
+* optionally (``schedule=cosine``) stage 2 has its own learning-rate schedule: a linear warm-up over
+  ``warmup_epochs`` (fresh Adam moments of newly unfrozen weights otherwise take full-size steps: the
+  accuracy dip after the switch) and a cosine decay to zero at the last epoch, as a function of the
+  epoch and batch, so a resumed run continues it exactly;
 * under DDP the wrapper is rebuilt at the switch, so the gradients of newly unfrozen parameters are
   all-reduced (DDP registers only parameters that require grad when it wraps the model; #20340).
 """
@@ -17,6 +21,7 @@ epoch (Lightning #21901) and adds optimizer groups mid-run (schedulers miss them
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import lightning as L
@@ -69,8 +74,12 @@ class TwoStageFinetuning(Callback):
         patience: int | None = None,
         monitor: str = "val/loss",
         lr_factor: float = 0.1,
+        schedule: str = "constant",
+        warmup_epochs: float = 0.0,
     ):
         super().__init__()
+        if schedule not in ("constant", "cosine"):
+            raise ValueError(f"finetune.schedule must be constant or cosine, got {schedule!r}")
         if stage1_epochs is None and patience is None and unfreeze not in (None, "none"):
             raise ValueError("set finetune.stage1_epochs or finetune.patience to say when stage 2 starts")
         self.stage1_epochs = stage1_epochs
@@ -79,6 +88,8 @@ class TwoStageFinetuning(Callback):
         self.patience = patience
         self.monitor = monitor
         self.lr_factor = lr_factor
+        self.schedule = schedule
+        self.warmup_epochs = float(warmup_epochs)
         self.switch_epoch: int | None = None if unfreeze in (None, "none", 0, "0") else stage1_epochs
         self._best: float | None = None
         self._bad_epochs = 0
@@ -159,6 +170,11 @@ class TwoStageFinetuning(Callback):
 
     # ---- hooks ------------------------------------------------------------------------------
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if (self.schedule != "constant" or self.warmup_epochs > 0) and trainer.lr_scheduler_configs:
+            raise ValueError(
+                "finetune.schedule/warmup_epochs set stage 2's learning rate themselves; "
+                "use scheduler=none with them (two schedules would overwrite each other)"
+            )
         self.apply(pl_module, self.stage_at(self.first_epoch(trainer)))
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -167,6 +183,31 @@ class TwoStageFinetuning(Callback):
         self.apply(pl_module, stage)
         if switching and trainer.world_size > 1:
             rewrap_ddp(trainer)
+
+    def stage2_lr_scale(self, epoch: int, batch: int, batches: int, max_epochs: int) -> float:
+        """Multiplier of every group's learning rate at ``batch`` of ``epoch`` (1.0 in stage 1)."""
+        if self.switch_epoch is None or epoch < self.switch_epoch:
+            return 1.0
+        progress = epoch - self.switch_epoch + batch / max(1, batches)  # epochs into stage 2
+        total = max(1, max_epochs - self.switch_epoch)
+        scale = 1.0
+        if self.warmup_epochs > 0:
+            scale = min(1.0, (progress + 1 / max(1, batches)) / self.warmup_epochs)
+        if self.schedule == "cosine":
+            scale *= 0.5 * (1 + math.cos(math.pi * min(1.0, progress / total)))
+        return scale
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self.schedule == "constant" and self.warmup_epochs <= 0:
+            return
+        batches = int(trainer.num_training_batches) if math.isfinite(trainer.num_training_batches) else 1
+        scale = self.stage2_lr_scale(trainer.current_epoch, batch_idx, batches, int(trainer.max_epochs or 1))
+        for optimizer in trainer.optimizers:
+            for group in optimizer.param_groups:
+                group.setdefault("base_lr", group["lr"])  # saved with the optimizer: resumes keep it
+                group["lr"] = group["base_lr"] * scale
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """With ``patience``, end stage 1 once ``monitor`` stops improving."""
