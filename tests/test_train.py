@@ -59,6 +59,28 @@ def test_run_dir_has_checkpoint_events_config_and_metrics(
     assert "test/confusion_matrix" in events.Tags()["images"]
 
 
+@pytest.mark.parametrize("test_time_flip", [False, True])
+def test_testing_through_onnxruntime_matches_torch(
+    compose_train, image_folder: Path, tmp_path: Path, test_time_flip: bool
+) -> None:
+    """``inference_engine=auto`` tests through ONNX Runtime on a CPU: the same metrics as PyTorch."""
+    results = {}
+    for engine in ("torch", "onnxruntime"):
+        cfg = compose_train(
+            "model=scratch_baseline",
+            "optimizer.lr=3e-3",
+            "model.scratch.widths=[8,16]",
+            f"+model.test_time_flip={test_time_flip}",
+            f"inference_engine={engine}",
+            f"paths.output_dir={tmp_path / engine}",
+            root=image_folder,
+        )
+        results[engine] = train(cfg)[1]
+        assert results[engine]["test_engine"] == engine
+    assert results["torch"]["test/acc"] == results["onnxruntime"]["test/acc"]
+    assert results["torch"]["test/loss"] == pytest.approx(results["onnxruntime"]["test/loss"], rel=1e-4)
+
+
 def test_resume_continues_from_last_checkpoint(compose_train, image_folder: Path, tmp_path: Path) -> None:
     common = ("model=scratch_baseline", "model.scratch.widths=[8]", "test=false")
     interrupted = tmp_path / "lightning_logs" / "runs" / "interrupted"

@@ -89,6 +89,8 @@ class LitClassifier(L.LightningModule):
         self.last_results: dict[str, dict[str, Any]] = {}
         # Set by the feature cache while stage 2 trains on cached outputs of the first K blocks.
         self.prefix_depth: int | None = None
+        # Set by the InferenceEngine callback while testing/predicting: image batch -> logits (ONNX Runtime).
+        self.image_runner: Any = None
 
     # ---- forward -----------------------------------------------------------------------------
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
@@ -96,6 +98,8 @@ class LitClassifier(L.LightningModule):
             return self.net.head(inputs)
         if self.prefix_depth is not None and inputs.shape[1] != 3:  # cached frozen-prefix feature maps
             return self.net.head(self.net.forward_suffix(inputs, self.prefix_depth))
+        if self.image_runner is not None and not self.training:
+            return self.image_runner(inputs).to(inputs.device)
         if self.hparams.channels_last:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
         return self.net(inputs)

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from foodvision.callbacks.feature_cache import FeatureCache
 from foodvision.callbacks.finetune import TwoStageFinetuning
+from foodvision.callbacks.inference_engine import InferenceEngine
 from foodvision.data.datamodule import FoodDataModule
 from foodvision.data.sources import default_food101_root
 from foodvision.hardware import cpu_has_native_bf16
@@ -91,6 +92,7 @@ def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
     callbacks = [
         hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c and "_target_" in c
     ]
+    callbacks.append(InferenceEngine(cfg.get("inference_engine", "auto")))
     if cfg.finetune.enabled:
         ft = cfg.finetune
         callbacks.append(
@@ -191,6 +193,9 @@ def train(cfg: DictConfig) -> tuple[float | None, dict[str, Any]]:
         metrics.update(module.last_results.get("test", {}))
         metrics["test/loss"] = float(trainer.callback_metrics.get("test/loss", float("nan")))
         metrics["best_checkpoint"] = best
+        metrics["test_engine"] = next(
+            (c.used for c in trainer.callbacks if isinstance(c, InferenceEngine)), None
+        )
     bad = datamodule.bad_images()
     metrics["skipped_bad_images"] = len(bad)
     metrics["wall_seconds"] = round(time.time() - started, 1)

