@@ -740,19 +740,22 @@ def sum_recipe(label: str, raw: dict[str, Any], results: dict, cfg: dict, suffix
         estimate = (
             stage1 * frozen["baseline_epoch_seconds"] + (total - stage1) * stage2["baseline_epoch_seconds"]
         )
+        run_px, bench_px = run.get("image_size"), cfg["image_size"]
+        scale = (int(run_px) / int(bench_px)) ** 2 if run_px else 1.0  # convolution work ~ pixels
+        estimate *= scale
         summary["baseline_estimate_seconds"] = estimate
-        same_size = run.get("image_size") == cfg["image_size"]
-        if run.get("train_seconds") and same_size:
+        if run.get("train_seconds"):
             baseline_cell = f"~{fmt_s(estimate)} (estimate)"
             ratio_cell = f"~{estimate / run['train_seconds']:.2f}x"
+            scaled = (
+                ""
+                if scale == 1.0
+                else f", scaled x{scale:.2f} from the sections' {bench_px} px to the run's {run_px} px (pixel count)"
+            )
             estimate_note = (
                 f"baseline estimate = {stage1} frozen + {total - stage1} stage-2 baseline epochs from this run's "
-                "sections (training only: no validation, no test), vs foodvision's whole fit (train_seconds, "
-                "validation and feature extraction included)"
-            )
-        else:
-            estimate_note = (
-                f"no estimate: the run used {run.get('image_size')} px, the sections {cfg['image_size']} px"
+                f"sections{scaled} (training only: no validation, no test), vs foodvision's whole fit "
+                "(train_seconds, validation and feature extraction included)"
             )
     test_acc = run.get("test_acc")
     notes = (
