@@ -3,7 +3,7 @@
 The exported model maps normalised float32 NCHW images (any batch size) to logits. Class names and
 preprocessing travel inside the file as JSON (TorchScript: extra file ``foodvision.json``; ONNX: the
 ``foodvision.json`` entry of ``metadata_props``), so ``predict.py ckpt_path=model.pt`` needs nothing else.
-ONNX needs the optional extra: ``pip install 'foodvision[onnx]'``.
+ONNX export uses the ``onnx`` package (a dependency of foodvision, also listed in its ``[onnx]`` extra).
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def export_onnx(model: nn.Module, info: ModelInfo, output: Path, source: str, op
         import onnx
     except ImportError as error:
         raise ToolError(
-            "format=onnx needs the optional onnx extra: pip install 'foodvision[onnx]'"
+            "format=onnx needs the onnx package: pip install 'foodvision[onnx]'"
         ) from error
     with warnings.catch_warnings():
         # The TorchScript-based exporter: needs only `onnx` (the dynamo one also wants onnxscript).
