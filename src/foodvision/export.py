@@ -57,9 +57,7 @@ def export_onnx(model: nn.Module, info: ModelInfo, output: Path, source: str, op
     try:
         import onnx
     except ImportError as error:
-        raise ToolError(
-            "format=onnx needs the onnx package: pip install 'foodvision[onnx]'"
-        ) from error
+        raise ToolError("format=onnx needs the onnx package: pip install 'foodvision[onnx]'") from error
     with warnings.catch_warnings():
         # The TorchScript-based exporter: needs only `onnx` (the dynamo one also wants onnxscript).
         warnings.simplefilter("ignore", DeprecationWarning)
