@@ -92,3 +92,17 @@ class OnnxRuntimeModule:
         array = images.detach().float().cpu().contiguous().numpy()
         outputs = [torch.from_numpy(np.asarray(o)) for o in self.session.run(None, {self.input_name: array})]
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+
+def onnxruntime_or_none(
+    module: nn.Module, example: torch.Tensor, output_names: Sequence[str], requested: str
+) -> OnnxRuntimeModule | None:
+    """``OnnxRuntimeModule`` of ``module``; where export or loading fails, ``None`` (run it with PyTorch)
+    when ONNX Runtime was only chosen by ``auto``, else the error."""
+    try:
+        return OnnxRuntimeModule(module, example, output_names)
+    except Exception as error:  # noqa: BLE001 - the exporter and ORT raise many types
+        if str(requested).lower() == "onnxruntime":
+            raise
+        log.warning("ONNX Runtime cannot run this model (%s: %s); using PyTorch", type(error).__name__, error)
+        return None

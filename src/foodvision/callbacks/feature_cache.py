@@ -26,7 +26,7 @@ from torch.utils.data import Dataset, TensorDataset
 from tqdm.auto import tqdm
 
 from foodvision.callbacks.finetune import TwoStageFinetuning
-from foodvision.engine import OnnxRuntimeModule, resolve_engine
+from foodvision.engine import onnxruntime_or_none, resolve_engine
 
 log = logging.getLogger(__name__)
 
@@ -82,18 +82,25 @@ def feature_cache_key(
 
 
 def frozen_forward(
-    pl_module: L.LightningModule, engine: str, forward_context: Any, depth: int | None
+    pl_module: L.LightningModule,
+    engine: str,
+    forward_context: Any,
+    depth: int | None,
+    requested: str = "onnxruntime",
 ) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]:
     """images -> (pooled features, prefix maps or None) of the frozen backbone in eval mode, run by
-    ``engine`` (``torch`` under the trainer's precision, or ``onnxruntime`` in float32)."""
+    ``engine`` (``torch`` under the trainer's precision, or ``onnxruntime`` in float32; where ONNX Runtime
+    cannot run the model and ``requested`` was ``auto``, PyTorch)."""
     net = pl_module.net
     channels_last = pl_module.hparams.get("channels_last", False)
+    runner = None
     if engine == "onnxruntime":
         size = pl_module.preprocessing.image_size
-        exported = PooledAndPrefix(net, depth)
-        runner = OnnxRuntimeModule(
-            exported, torch.zeros(1, 3, size, size), ["pooled"] + (["prefix"] if depth is not None else [])
+        outputs = ["pooled"] + (["prefix"] if depth is not None else [])
+        runner = onnxruntime_or_none(
+            PooledAndPrefix(net, depth), torch.zeros(1, 3, size, size), outputs, requested
         )
+    if runner is not None:
 
         def run_onnx(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
             outputs = runner(images)
@@ -311,7 +318,7 @@ class FeatureCache(Callback):
             loader = datamodule.loader(dataset, shuffle=False, batch_size=datamodule.eval_batch_size)
             if self._runner is None:
                 self._runner = frozen_forward(
-                    pl_module, engine, trainer.precision_plugin.forward_context, self.depth
+                    pl_module, engine, trainer.precision_plugin.forward_context, self.depth, self.engine
                 )
             features, labels, maps = extract_features(
                 pl_module,

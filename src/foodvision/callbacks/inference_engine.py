@@ -15,7 +15,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from foodvision.engine import OnnxRuntimeModule, resolve_engine
+from foodvision.engine import onnxruntime_or_none, resolve_engine
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,11 @@ class InferenceEngine(Callback):
         if engine != "onnxruntime":
             return
         size = pl_module.preprocessing.image_size
-        pl_module.image_runner = OnnxRuntimeModule(pl_module.net, torch.zeros(1, 3, size, size))
+        example = torch.zeros(1, 3, size, size)
+        pl_module.image_runner = onnxruntime_or_none(pl_module.net, example, ["output"], self.engine)
+        if pl_module.image_runner is None:
+            self.used = "torch"
+            return
         log.info("testing with ONNX Runtime (float32): the network as of now, exported in memory")
 
     def _detach(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
