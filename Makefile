@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install $(TORCH_PINS)
-	$(PY) -m pip install -e ".[dev,onnx,cluster,sweep]" $(TORCH_PINS)
+	$(PY) -m pip install -e ".[dev,onnx,cluster,sweep,demo]" $(TORCH_PINS)
 	$(PY) -m pip install --no-deps $(WEIGHT_PKGS)
 	touch $(STAMP)
 

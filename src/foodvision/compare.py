@@ -3,8 +3,8 @@
 One row per run, sorted by test accuracy: recipe (model, lr, epochs, augmentation, unfrozen blocks),
 train/val/test accuracy, test loss and macro F1, parameters (total and trainable), checkpoint size,
 training time and the inference throughput measured now, on this machine. Runs that failed or are
-incomplete are listed with their status. Writes ``leaderboard.csv`` and ``leaderboard.md`` (with a
-recommendation).
+incomplete are listed with their status. Writes ``leaderboard.csv``, ``leaderboard.md`` (with a
+recommendation) and the same as one HTML page, ``leaderboard.html``.
 """
 
 from __future__ import annotations
@@ -396,6 +396,38 @@ def write_markdown(
     return text
 
 
+def write_html(
+    path: Path, rows: Sequence[dict[str, Any]], sources: Sequence[str], throughput_note: str
+) -> str:
+    """leaderboard.html: the markdown leaderboard as one self-contained page (no scripts, nothing loaded)."""
+    from foodvision.report import esc, html_page, inline_markdown
+
+    columns = [(k, title) for k, title in COLUMNS if k != "checkpoint"]
+    header = "".join(f"<th>{esc(title)}</th>" for _, title in columns)
+    lines = []
+    number = ' class="num"'
+    for row in rows:
+        status = row.get("status", "ok")
+        cells = "".join(
+            f'<td data-key="{key}"{number if isinstance(row.get(key), (int, float)) else ""}>'
+            f"{esc(_cell(key, row.get(key)))}</td>"
+            for key, _ in columns
+        )
+        lines.append(f'<tr data-status="{esc(status)}">{cells}</tr>')
+    body = (
+        "<h1>Leaderboard</h1>\n"
+        f'<p class="sub">Runs from: {esc(", ".join(sources))}. Sorted by test accuracy; '
+        f"{esc(throughput_note)}</p>\n"
+        f'<div style="overflow-x:auto"><table id="leaderboard"><tr>{header}</tr>\n'
+        + "\n".join(lines)
+        + "</table></div>\n<h2>Recommendation</h2>\n"
+        f"<p>{inline_markdown(recommendation(rows))}</p>"
+    )
+    text = html_page("foodvision leaderboard", body)
+    path.write_text(text, encoding="utf-8")
+    return text
+
+
 def compare(cfg: DictConfig) -> list[dict[str, Any]]:
     runs = required(cfg, "runs", "runs=lightning_logs/runs or runs=[dir1,dir2]")
     runs = OmegaConf.to_container(runs) if isinstance(runs, ListConfig) else [runs]
@@ -426,7 +458,8 @@ def compare(cfg: DictConfig) -> list[dict[str, Any]]:
         else "inference throughput not measured (throughput=false)."
     )
     text = write_markdown(out / "leaderboard.md", rows, [str(r) for r in runs], note)
-    print(f"{text}\nwrote {out / 'leaderboard.csv'} and {out / 'leaderboard.md'}", flush=True)
+    write_html(out / "leaderboard.html", rows, [str(r) for r in runs], note)
+    print(f"{text}\nwrote {out / 'leaderboard.csv'}, leaderboard.md and leaderboard.html", flush=True)
     return rows
 
 

@@ -375,7 +375,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         log.info(note)
         metrics["notes"] = [note]
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    from foodvision.report import write_report  # report.html from the files above (foodvision.report)
 
+    write_report(out, predictor)
     _print_summary(metrics, out, result.images_per_second)
     return metrics
 

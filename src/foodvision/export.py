@@ -1,9 +1,11 @@
-"""`python export.py ckpt_path=... format=torchscript|onnx [output=...]`: a self-contained model file.
+"""`python export.py ckpt_path=... format=torchscript|onnx|app [output=...]`: a self-contained model file.
 
 The exported model maps normalised float32 NCHW images (any batch size) to logits. Class names and
 preprocessing travel inside the file as JSON (TorchScript: extra file ``foodvision.json``; ONNX: the
 ``foodvision.json`` entry of ``metadata_props``), so ``predict.py ckpt_path=model.pt`` needs nothing else.
 ONNX export uses the ``onnx`` package (a dependency of foodvision, also listed in its ``[onnx]`` extra).
+``format=app`` writes a folder instead: a Gradio app around the ONNX file that needs no PyTorch
+(:mod:`foodvision.app_export`).
 """
 
 from __future__ import annotations
@@ -32,11 +34,13 @@ from foodvision.inference import (
 
 log = logging.getLogger(__name__)
 
-FORMATS = {"torchscript": ".pt", "onnx": ".onnx"}
+FORMATS = {"torchscript": ".pt", "onnx": ".onnx", "app": ""}
 
 
 def default_output(ckpt_path: Path, fmt: str) -> Path:
-    """``<run dir>/export/<checkpoint name>.pt|.onnx``."""
+    """``<run dir>/export/<checkpoint name>.pt|.onnx``, or the folder ``<run dir>/export/app``."""
+    if fmt == "app":
+        return run_dir_of(ckpt_path) / "export" / "app"
     return run_dir_of(ckpt_path) / "export" / f"{ckpt_path.stem}{FORMATS[fmt]}"
 
 
@@ -101,6 +105,11 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     fmt = str(cfg.get("format", "torchscript")).lower()
     if fmt not in FORMATS:
         raise ToolError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if fmt == "app":
+        from foodvision.app_export import export_app
+
+        output = Path(cfg.output).expanduser() if cfg.get("output") else default_output(ckpt_path, fmt)
+        return export_app(cfg, ckpt_path, output)
     model, info, _ = load_checkpoint_model(ckpt_path)
     model = model.float().eval()
     output = Path(cfg.output).expanduser() if cfg.get("output") else default_output(ckpt_path, fmt)

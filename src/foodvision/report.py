@@ -1,0 +1,437 @@
+"""One self-contained HTML page per evaluation (``report.html`` in eval.py's output dir) and the HTML frame of
+compare.py's leaderboard.
+
+The report is built from what eval.py already wrote (``metrics.json``, ``per_class.csv``,
+``predictions.csv``, ``most_confident_wrong.csv`` and the PNG figures) and the model: headline metrics,
+training curves, the per-class table, the confusion matrix, the most-confident-mistakes grid, Grad-CAM
+overlays (the ``grad-cam`` package, pytorch-grad-cam) for a sample of correct and wrong photos, and the
+model's size, parameters and latency measured now. Every figure is embedded (base64), there is no script
+and nothing is loaded from elsewhere, so the file can be opened anywhere or mailed. Re-runs give the same
+file except for the measured timings (inside ``<span class="measured">``).
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+import logging
+import statistics
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+REPORT_FILE = "report.html"
+
+CSS = """
+body {font-family: system-ui, -apple-system, "Segoe UI", Roboto, Helvetica, Arial, sans-serif; margin: 0;
+  background: #f7f7f8; color: #1f2328; line-height: 1.45}
+main {max-width: 1180px; margin: 0 auto; padding: 24px 28px 48px}
+h1 {font-size: 1.6em; margin: 0 0 4px} h2 {font-size: 1.2em; margin: 32px 0 10px; border-bottom: 2px solid #f97316;
+  padding-bottom: 4px} h3 {font-size: 1em; margin: 18px 0 8px}
+.sub {color: #57606a; font-size: 0.9em; margin: 0 0 4px; overflow-wrap: anywhere}
+.cards {display: flex; flex-wrap: wrap; gap: 12px; margin: 16px 0}
+.card {background: #fff; border: 1px solid #e5e7eb; border-radius: 8px; padding: 10px 16px; min-width: 120px}
+.card .value {font-size: 1.5em; font-weight: 650} .card .name {color: #57606a; font-size: 0.85em}
+table {border-collapse: collapse; background: #fff; font-size: 0.9em}
+th, td {padding: 5px 10px; border-bottom: 1px solid #e5e7eb; text-align: left; vertical-align: middle}
+th {background: #f3f4f6} td.num {text-align: right; font-variant-numeric: tabular-nums}
+td.bar {position: relative; min-width: 70px}
+td.bar span.fill {position: absolute; left: 0; top: 3px; bottom: 3px; background: #fed7aa; z-index: 0}
+td.bar span.v {position: relative; z-index: 1}
+tr.low td {color: #b91c1c}
+figure {margin: 0} img.fig {max-width: 100%; background: #fff; border: 1px solid #e5e7eb; border-radius: 6px}
+.grid {display: flex; flex-wrap: wrap; gap: 14px}
+.cam {background: #fff; border: 1px solid #e5e7eb; border-radius: 8px; padding: 8px; width: 340px}
+.cam img {width: 160px; height: 160px; image-rendering: auto; border-radius: 4px}
+.cam figcaption {font-size: 0.8em; color: #57606a; overflow-wrap: anywhere}
+.cam .ok {color: #15803d; font-weight: 600} .cam .wrong {color: #b91c1c; font-weight: 600}
+.note {background: #fff7ed; border-left: 4px solid #f97316; padding: 6px 12px; font-size: 0.9em}
+code {background: #eef0f2; padding: 1px 4px; border-radius: 3px; font-size: 0.9em}
+"""
+
+
+# ---- HTML helpers (also used by compare.py's leaderboard.html) ---------------------------------------------
+def esc(value: Any) -> str:
+    return html.escape(str(value))
+
+
+def html_page(title: str, body: str) -> str:
+    return (
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+        f"<title>{esc(title)}</title>\n<style>{CSS}</style>\n</head>\n<body><main>\n{body}\n</main></body>\n</html>\n"
+    )
+
+
+def data_uri(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def jpeg_bytes(image: Any) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=88)
+    return buffer.getvalue()
+
+
+def inline_markdown(text: str) -> str:
+    """``**bold**`` and ```code``` of compare.py's recommendation as HTML (everything else escaped)."""
+    import re
+
+    out = esc(text)
+    out = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", out)
+    return re.sub(r"`(.+?)`", r"<code>\1</code>", out)
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        return []
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _figure(path: Path, alt: str) -> str:
+    if not path.is_file():
+        return f'<p class="note">{esc(path.name)} was not written ({esc(alt)}).</p>'
+    return f'<figure><img class="fig" alt="{esc(alt)}" src="{data_uri(path.read_bytes())}"></figure>'
+
+
+# ---- the model: size, parameters, latency ----------------------------------------------------------------------
+def measure_latency(predictor: Any, repeats: int = 10, batch: int = 32) -> dict[str, float]:
+    """Median ms of one photo (batch 1) and images/s of a ``batch``-photo batch through ``predictor``, as eval
+    ran it (same engine, device, precision), on random inputs after a warm-up."""
+    import torch
+
+    size = predictor.preprocessing.image_size
+    generator = torch.Generator().manual_seed(0)
+    one = torch.randn(1, 3, size, size, generator=generator)
+    many = torch.randn(batch, 3, size, size, generator=generator)
+    predictor.logits(one)
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        predictor.logits(one)
+        times.append(time.perf_counter() - started)
+    predictor.logits(many)
+    started = time.perf_counter()
+    rounds = 2
+    for _ in range(rounds):
+        predictor.logits(many)
+    seconds = time.perf_counter() - started
+    return {"ms_per_image": 1000 * statistics.median(times), "images_per_second": batch * rounds / seconds}
+
+
+# ---- Grad-CAM ----------------------------------------------------------------------------------------------
+def cam_target_layer(network: Any, image_size: int) -> Any:
+    """The last module of the backbone to output a spatial feature map (N, C, H, W with H, W > 1): the
+    layer Grad-CAM looks at (timm: the final BatchNormAct after conv_head; scratch CNNs: the conv stack)."""
+    import torch
+
+    found: list[Any] = []
+    hooks = []
+    for module in network.backbone.modules():
+        if module is network.backbone:
+            continue
+
+        def hook(module: Any, _inputs: Any, output: Any) -> None:
+            if isinstance(output, torch.Tensor) and output.ndim == 4 and min(output.shape[-2:]) > 1:
+                found.append(module)
+
+        hooks.append(module.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            network.backbone(torch.zeros(1, 3, image_size, image_size))
+    finally:
+        for handle in hooks:
+            handle.remove()
+    if not found:
+        raise ValueError("the backbone has no layer with a spatial output")
+    return found[-1]
+
+
+def pick_samples(
+    predictions: Sequence[Mapping[str, str]], wrong: Sequence[Mapping[str, str]], count: int
+) -> list[dict[str, Any]]:
+    """Up to ``count`` correct photos (the most confident of classes spread over the class list) and up to
+    ``count`` wrong ones (the most confident mistakes). Deterministic."""
+    best: dict[str, Mapping[str, str]] = {}
+    for row in predictions:
+        if row["true"] == row["predicted"]:
+            kept = best.get(row["true"])
+            if kept is None or float(row["confidence"]) > float(kept["confidence"]):
+                best[row["true"]] = row
+    classes = sorted(best)
+    shown = min(count, len(classes))
+    correct = [best[classes[i * len(classes) // shown]] for i in range(shown)]
+    return [{**r, "correct": True} for r in correct] + [{**r, "correct": False} for r in wrong[:count]]
+
+
+def gradcam_overlays(checkpoint: Path, samples: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """For each sample: the model's input crop and its Grad-CAM heat map for the predicted class, as PNGs.
+
+    The map is of the plain forward pass (a model with test-time flip averages it with the mirrored view)."""
+    import torch
+    from PIL import Image
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.image import show_cam_on_image
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    from foodvision.data.images import load_rgb
+    from foodvision.inference import load_checkpoint_model
+
+    model, info, _ = load_checkpoint_model(checkpoint)
+    model = model.float().eval()
+    pre = info.preprocessing
+    network = torch.nn.Sequential(model.backbone, model.head)  # no flip averaging: one view per map
+    layer = cam_target_layer(model, pre.image_size)
+    transform = pre.eval_transform()
+    names = info.class_names
+    images, kept = [], []
+    for sample in samples:
+        try:
+            image = load_rgb(sample["file"], draft_size=(pre.resize_size, pre.resize_size))
+        except Exception as error:  # noqa: BLE001 - a file gone since eval: leave it out
+            log.info("Grad-CAM: skipping %s (%s)", sample["file"], error)
+            continue
+        images.append(transform(image))
+        kept.append(sample)
+    if not kept:
+        return []
+    batch = torch.stack(images)
+    targets = [ClassifierOutputTarget(names.index(s["predicted"])) for s in kept]
+    with GradCAM(model=network, target_layers=[layer]) as cam:
+        maps = cam(input_tensor=batch, targets=targets)
+    mean = torch.tensor(pre.mean).view(3, 1, 1)
+    std = torch.tensor(pre.std).view(3, 1, 1)
+    display = max(160, pre.image_size)
+    out = []
+    for sample, tensor, heat in zip(kept, images, maps, strict=True):
+        rgb = (tensor * std + mean).clamp(0, 1).permute(1, 2, 0).numpy().astype(np.float32)
+        overlay = show_cam_on_image(rgb, heat.astype(np.float32), use_rgb=True, image_weight=0.55)
+        crop = Image.fromarray((rgb * 255).round().astype(np.uint8))
+        heat_image = Image.fromarray(overlay)
+        if display != pre.image_size:
+            crop = crop.resize((display, display), Image.Resampling.BILINEAR)
+            heat_image = heat_image.resize((display, display), Image.Resampling.BILINEAR)
+        out.append({**sample, "crop": jpeg_bytes(crop), "overlay": jpeg_bytes(heat_image)})
+    return out
+
+
+def _cam_figure(item: Mapping[str, Any]) -> str:
+    verdict = '<span class="ok">correct</span>' if item["correct"] else '<span class="wrong">wrong</span>'
+    return (
+        '<figure class="cam">'
+        f'<img alt="photo {esc(Path(item["file"]).name)}" src="{data_uri(item["crop"], "image/jpeg")}"> '
+        f'<img alt="Grad-CAM for {esc(item["predicted"])}" src="{data_uri(item["overlay"], "image/jpeg")}">'
+        f"<figcaption>{verdict}: true <b>{esc(item['true'])}</b>, predicted <b>{esc(item['predicted'])}</b> "
+        f"({float(item['confidence']):.2f})<br>{esc(Path(item['file']).name)}</figcaption></figure>"
+    )
+
+
+def gradcam_section(checkpoint: Path | None, eval_dir: Path, count: int) -> str:
+    intro = (
+        "<p>Where the model looked: Grad-CAM (the <code>grad-cam</code> package) of the predicted class at the "
+        "backbone's last feature map, over the model's input crop. Correct: the most confident photo of "
+        "classes spread over the class list; wrong: the most confident mistakes.</p>"
+    )
+    if count <= 0:
+        return ""
+    if checkpoint is None or checkpoint.suffix.lower() != ".ckpt":
+        return (
+            intro
+            + '<p class="note">Grad-CAM needs the training checkpoint (.ckpt), not an exported model.</p>'
+        )
+    samples = pick_samples(
+        _read_csv(eval_dir / "predictions.csv"), _read_csv(eval_dir / "most_confident_wrong.csv"), count
+    )
+    if not samples:
+        return intro + '<p class="note">No predictions to explain.</p>'
+    try:
+        items = gradcam_overlays(checkpoint, samples)
+    except ImportError as error:
+        return intro + f'<p class="note">Grad-CAM not drawn: {esc(error)} (pip install -e ".[demo]").</p>'
+    except Exception as error:  # noqa: BLE001 - an architecture Grad-CAM cannot handle: say so, keep the report
+        log.warning("Grad-CAM failed: %s: %s", type(error).__name__, error)
+        return intro + f'<p class="note">Grad-CAM failed: {esc(type(error).__name__)}: {esc(error)}</p>'
+    parts = [intro]
+    for title, correct in (("Correct", True), ("Wrong", False)):
+        chosen = [i for i in items if i["correct"] is correct]
+        parts.append(f"<h3>{title} ({len(chosen)})</h3>")
+        parts.append(
+            f'<div class="grid" id="gradcam-{title.lower()}">' + "".join(map(_cam_figure, chosen)) + "</div>"
+            if chosen
+            else '<p class="note">none</p>'
+        )
+    return "\n".join(parts)
+
+
+# ---- the page ----------------------------------------------------------------------------------------------
+HEADLINE = (
+    ("accuracy", "accuracy", True),
+    ("top5_accuracy", "top-5 accuracy", True),
+    ("f1_macro", "macro F1", False),
+    ("precision_macro", "macro precision", False),
+    ("recall_macro", "macro recall", False),
+    ("f1_weighted", "weighted F1", False),
+    ("loss", "loss", False),
+)
+
+
+def _card(key: str, label: str, value: float, percent: bool) -> str:
+    shown = f"{100 * value:.2f} %" if percent else f"{value:.4f}"
+    return (
+        f'<div class="card"><div class="value" data-metric="{key}" data-value="{value!r}">{shown}</div>'
+        f'<div class="name">{esc(label)}</div></div>'
+    )
+
+
+def _per_class_table(rows: Sequence[Mapping[str, str]]) -> str:
+    if not rows:
+        return '<p class="note">per_class.csv was not written.</p>'
+    lines = [
+        '<table id="per-class"><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>'
+    ]
+    f1s = [float(r["f1"]) for r in rows]
+    low = sorted(f1s)[max(0, len(f1s) // 10 - 1)] if len(f1s) >= 10 else -1.0
+    for row in rows:
+        cells = []
+        for key in ("precision", "recall", "f1"):
+            value = float(row[key])
+            cells.append(
+                f'<td class="num bar" data-key="{key}" data-value="{esc(row[key])}">'
+                f'<span class="fill" style="width:{100 * value:.1f}%"></span><span class="v">{value:.3f}</span></td>'
+            )
+        css = ' class="low"' if float(row["f1"]) <= low else ""
+        lines.append(
+            f'<tr{css} data-class="{esc(row["class"])}"><td>{esc(row["class"])}</td>{"".join(cells)}'
+            f'<td class="num">{esc(row["support"])}</td></tr>'
+        )
+    return "\n".join(lines) + "</table>"
+
+
+def _model_table(facts: Sequence[tuple[str, str]]) -> str:
+    rows = "".join(f"<tr><th>{esc(k)}</th><td>{v}</td></tr>" for k, v in facts)
+    return f'<table id="model">{rows}</table>'
+
+
+def model_facts(
+    predictor: Any, checkpoint: Path | None, latency: Mapping[str, float] | None
+) -> list[tuple[str, str]]:
+    """(label, HTML) rows: architecture, parameters, file size, input, engine, measured latency."""
+    facts: list[tuple[str, str]] = []
+    info = predictor.info if predictor is not None else None
+    if info is not None:
+        facts.append(("architecture", esc(info.architecture)))
+        pre = info.preprocessing
+        facts.append(
+            (
+                "input",
+                esc(
+                    f"{pre.image_size} px: shorter side to {pre.resize_size} ({pre.interpolation}), centre crop, "
+                    f"mean {list(pre.mean)}, std {list(pre.std)}"
+                ),
+            )
+        )
+        if info.model.get("test_time_flip"):
+            facts.append(("test-time flip", "yes (each photo averaged with its mirror image)"))
+        if info.weights_source:
+            facts.append(("initial weights", esc(info.weights_source)))
+    state = getattr(predictor, "checkpoint", None)
+    if state is not None:
+        params = sum(v.numel() for k, v in state["state_dict"].items() if k.startswith("net."))
+        facts.append(("parameters", f'<span data-key="parameters" data-value="{params}">{params:,}</span>'))
+    if checkpoint is not None and checkpoint.is_file():
+        facts.append(("model file", esc(f"{checkpoint} ({checkpoint.stat().st_size / 1e6:.1f} MB)")))
+    if predictor is not None:
+        precision = "bf16 autocast" if predictor.precision == "bf16" else "float32"
+        facts.append(("engine", esc(f"{predictor.engine}, {predictor.device.type}, {precision}")))
+    if latency:
+        import torch
+
+        facts.append(
+            (
+                "latency (measured now)",
+                f'<span class="measured">{latency["ms_per_image"]:.1f} ms per photo (batch 1), '
+                f"{latency['images_per_second']:.0f} images/s (batch 32)</span> "
+                f"on this machine ({torch.get_num_threads()} threads), model only, random input",
+            )
+        )
+    return facts
+
+
+def build_report(eval_dir: Path, predictor: Any = None, gradcam: int = 6, latency: bool = True) -> str:
+    eval_dir = Path(eval_dir)
+    metrics = json.loads((eval_dir / "metrics.json").read_text())
+    checkpoint = Path(metrics["checkpoint"]) if metrics.get("checkpoint") else None
+    if predictor is not None:
+        checkpoint = Path(predictor.path)
+    measured = None
+    if predictor is not None and latency:
+        try:
+            measured = measure_latency(predictor)
+        except Exception as error:  # noqa: BLE001 - timing is a nicety
+            log.warning("latency not measured: %s", error)
+    model_name = metrics.get("model") or (predictor.info.architecture if predictor is not None else "model")
+    split = metrics.get("split", "test")
+    per_class = _read_csv(eval_dir / "per_class.csv")
+    wrong = _read_csv(eval_dir / "most_confident_wrong.csv")
+    title = f"{model_name} on the {split} split"
+    skipped = metrics.get("skipped_images") or []
+    notes = list(metrics.get("notes") or [])
+    if skipped:
+        notes.append(
+            f"{len(skipped)} unreadable image(s) skipped, e.g. {skipped[0]['file']}: {skipped[0]['reason']}"
+        )
+    cards = "".join(
+        _card(key, label, float(metrics[key]), percent)
+        for key, label, percent in HEADLINE
+        if isinstance(metrics.get(key), (int, float))
+    )
+    body = [
+        f"<h1>Evaluation report: {esc(title)}</h1>",
+        f'<p class="sub">{esc(metrics.get("num_images", "?"))} images, {esc(metrics.get("num_classes", "?"))} '
+        f"classes; checkpoint <code>{esc(metrics.get('checkpoint', '?'))}</code></p>",
+        f'<p class="sub">data: {esc(metrics.get("data", "?"))}</p>',
+        f'<div class="cards" id="headline">{cards}</div>',
+        "".join(f'<p class="note">{esc(n)}</p>' for n in notes),
+        "<h2>Model</h2>",
+        _model_table(model_facts(predictor, checkpoint, measured)),
+        "<h2>Training curves</h2>",
+        _figure(eval_dir / "curves.png", "no TensorBoard events next to the checkpoint"),
+        f"<h2>Per class ({len(per_class)} classes)</h2>",
+        "<p>Precision, recall and F1 of every class on this split"
+        + ("; the lowest-F1 tenth in red.</p>" if len(per_class) >= 10 else ".</p>"),
+        _per_class_table(per_class),
+        "<h2>Confusion matrix</h2>",
+        _figure(eval_dir / "confusion_matrix.png", "confusion matrix"),
+        f"<h2>Most confident mistakes ({len(wrong)} wrong)</h2>",
+        _figure(eval_dir / "most_confident_wrong.png", "most confident mistakes"),
+    ]
+    cams = gradcam_section(checkpoint, eval_dir, gradcam)
+    if cams:
+        body += ["<h2>Grad-CAM</h2>", cams]
+    body.append(
+        '<p class="sub" style="margin-top:32px">Written by foodvision eval.py; the figures are the PNG files '
+        "beside this page, embedded.</p>"
+    )
+    return html_page(f"foodvision report: {title}", "\n".join(body))
+
+
+def write_report(eval_dir: str | Path, predictor: Any = None, gradcam: int = 6, latency: bool = True) -> Path:
+    """Write ``report.html`` into ``eval_dir`` from the files eval.py wrote there; ``predictor`` (a
+    :class:`foodvision.inference.Predictor`, or a model path) gives the model facts and the latency."""
+    if predictor is not None and isinstance(predictor, (str, Path)):
+        from foodvision.inference import Predictor
+
+        predictor = Predictor(predictor, device="cpu", precision="32")
+    path = Path(eval_dir) / REPORT_FILE
+    path.write_text(build_report(Path(eval_dir), predictor, gradcam, latency), encoding="utf-8")
+    log.info("report: %s", path)
+    return path

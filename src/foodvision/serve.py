@@ -1,0 +1,225 @@
+"""`python serve.py ckpt_path=<run>/checkpoints/last.ckpt` (or an exported .onnx): a Gradio demo on localhost.
+
+Drop, upload, paste or take (webcam) a photo, or several: top-k classes with probability bars and the
+prediction time, the model's facts (architecture, classes, test accuracy from the run's metrics.json,
+size) and a few of the run's own test photos as examples when its data is at hand. Runs through
+:class:`foodvision.inference.Predictor` (ONNX Runtime on a CPU, PyTorch on a GPU). Listens on 127.0.0.1
+unless ``host=`` says otherwise; ``share=true`` asks Gradio for a public link. Needs the ``demo`` extra
+(``pip install -e '.[demo]'``). The page itself is :func:`foodvision.app_template.build_demo`, the one
+the exported app (``export.py format=app``) serves.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig
+
+from foodvision.cli import CONFIG_DIR, required, run_tool
+from foodvision.inference import Predictor, ToolError, infer_files, resolve_device, run_dir_of
+
+log = logging.getLogger(__name__)
+
+OFFLINE_ENV = {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_DISABLE_TELEMETRY": "1"}
+
+
+def import_gradio() -> Any:
+    """gradio, with analytics and its version check off (they would reach the internet on every start)."""
+    for key, value in OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # no line per request gradio makes to itself
+    try:
+        import gradio
+    except ImportError as error:
+        raise ToolError("serve.py needs gradio: pip install -e '.[demo]' (make install does)") from error
+    return gradio
+
+
+# ---- what the page shows about the model -----------------------------------------------------------------
+def test_accuracy(run_dir: Path) -> tuple[float | None, str]:
+    """The model's test accuracy and where it comes from: eval.py's metrics, else the training run's."""
+    for path, key in (
+        (run_dir / "eval-test" / "metrics.json", "accuracy"),
+        (run_dir / "metrics.json", "test/acc"),
+    ):
+        try:
+            value = json.loads(path.read_text()).get(key)
+        except (OSError, ValueError):
+            continue
+        if isinstance(value, (int, float)):
+            return float(value), str(path.relative_to(run_dir))
+    return None, ""
+
+
+def count_parameters(predictor: Predictor) -> int | None:
+    if predictor.checkpoint is not None:
+        return sum(v.numel() for k, v in predictor.checkpoint["state_dict"].items() if k.startswith("net."))
+    if predictor.format == "onnx":
+        try:
+            import onnx
+            from onnx import numpy_helper
+
+            graph = onnx.load(str(predictor.path), load_external_data=False).graph
+            return int(sum(numpy_helper.to_array(t).size for t in graph.initializer))
+        except Exception:  # noqa: BLE001 - the count is a nicety
+            return None
+    return None
+
+
+def model_facts(predictor: Predictor) -> dict[str, Any]:
+    info = predictor.info
+    run_dir = run_dir_of(predictor.path)
+    accuracy, source = test_accuracy(run_dir)
+    params = count_parameters(predictor)
+    pre = info.preprocessing
+    runs_on = {"onnxruntime": "ONNX Runtime", "torch": "PyTorch"}.get(predictor.engine, predictor.engine)
+    return {
+        "architecture": info.architecture,
+        "classes": info.num_classes,
+        "test accuracy": f"{accuracy:.1%} ({source})" if accuracy is not None else "not measured",
+        "input": f"{pre.image_size} px (shorter side {pre.resize_size}, centre crop)",
+        "parameters": f"{params / 1e6:.2f} M"
+        if params and params >= 1e5
+        else (f"{params:,}" if params else ""),
+        "file": f"{predictor.path.name} ({predictor.path.stat().st_size / 1e6:.1f} MB, {predictor.format})",
+        "runs on": f"{runs_on}, {predictor.device.type}, {'bf16' if predictor.precision == 'bf16' else 'float32'}",
+    }
+
+
+# ---- example photos: a few of the run's own test photos -----------------------------------------------------
+def example_photos(cfg: DictConfig, run_dir: Path, class_names: Sequence[str], count: int) -> list[str]:
+    """Up to ``count`` photos of the run's test split, classes spread over the class list, one each; none
+    (and a log line saying why) when the run's data is not at hand."""
+    if count <= 0:
+        return []
+    from foodvision.data.datamodule import FoodDataModule
+    from foodvision.evaluate import resolve_eval_data
+
+    try:
+        data_args, _ = resolve_eval_data(cfg, run_dir)
+        splits = FoodDataModule(**{k: v for k, v in data_args.items() if k != "_target_"}).discover()
+    except Exception as error:  # noqa: BLE001 - examples are optional: any problem finding the data means none
+        log.info("no example photos (the run's test data is not at hand: %s)", error)
+        return []
+    by_class: dict[str, str] = {}
+    for path, label in splits.splits.get("test") or []:
+        by_class.setdefault(splits.classes[label], str(path))
+    present = [name for name in class_names if name in by_class]
+    if not present:
+        return []
+    shown = min(count, len(present))
+    return [by_class[present[i * len(present) // shown]] for i in range(shown)]
+
+
+def example_name(photo: str | Path) -> str:
+    """``<class>_<file name>`` (the class is the photo's folder), unless the name starts with the class."""
+    photo = Path(photo)
+    label = photo.parent.name
+    return photo.name if photo.name.startswith(f"{label}_") else f"{label}_{photo.name}"
+
+
+def copy_examples(photos: Sequence[str], folder: Path) -> list[str]:
+    """Copies (:func:`example_name`) where Gradio may serve them from."""
+    folder.mkdir(parents=True, exist_ok=True)
+    copies = []
+    for photo in photos:
+        target = folder / example_name(photo)
+        shutil.copyfile(photo, target)
+        copies.append(str(target))
+    return copies
+
+
+# ---- the page --------------------------------------------------------------------------------------------
+def predict_files_with(predictor: Predictor) -> Any:
+    """``paths -> [probabilities (numpy) or a message]`` through foodvision's own reading and preprocessing
+    (the same as predict.py)."""
+
+    def predict_files(paths: Sequence[str]) -> list[Any]:
+        result = infer_files(predictor, list(paths), batch_size=32, num_workers=0, progress=False)
+        out: list[Any] = [None] * len(paths)
+        for row, index in enumerate(result.indices):
+            out[index] = result.probabilities[row].numpy()
+        reasons = dict(result.failed)
+        for index, path in enumerate(paths):
+            if out[index] is None:
+                name = Path(path).name
+                reason = reasons.get(str(path), "could not be read")
+                if "UnidentifiedImageError" in reason:
+                    out[index] = f"{name} is not an image (no image format recognised)"
+                else:
+                    out[index] = f"{name} is not a readable image ({reason.replace(str(path), name)})"
+        return out
+
+    return predict_files
+
+
+def build(cfg: DictConfig, predictor: Predictor, example_dir: Path) -> Any:
+    from foodvision.app_template import build_demo
+
+    import_gradio()
+    run_dir = run_dir_of(predictor.path)
+    photos = example_photos(cfg, run_dir, predictor.class_names, int(cfg.get("examples", 6)))
+    examples = copy_examples(photos, example_dir) if photos else []
+    title = cfg.get("title") or f"foodvision: {predictor.info.architecture}"
+    return build_demo(
+        predict_files_with(predictor),
+        predictor.class_names,
+        title,
+        model_facts(predictor),
+        examples,
+        int(cfg.get("top_k", 5)),
+        f"{predictor.info.num_classes} classes, model `{predictor.path}`",
+    )
+
+
+def serve(cfg: DictConfig) -> Any:
+    """Build the demo and launch it; blocks until interrupted unless ``block=false`` (then returns it)."""
+    ckpt_path = required(cfg, "ckpt_path", "ckpt_path=lightning_logs/runs/<run>/checkpoints/last.ckpt")
+    import_gradio()
+    from foodvision.app_template import launch
+
+    started = time.perf_counter()
+    device = resolve_device(cfg.get("device", "auto"))
+    precision = cfg.get("precision", "auto")
+    if str(precision).lower() == "auto" and device.type == "cpu":
+        precision = "32"  # one photo at a time on a CPU: ONNX Runtime in float32 is the fast path
+    predictor = Predictor(ckpt_path, str(device), precision, cfg.get("engine", "auto"))
+    log.info("model: %s", predictor.describe())
+    example_dir = Path(tempfile.mkdtemp(prefix="foodvision-serve-"))
+    demo = build(cfg, predictor, example_dir)
+    host = str(cfg.get("host") or "127.0.0.1")
+    port = cfg.get("port")
+    log.info("demo ready in %.1f s", time.perf_counter() - started)
+    block = bool(cfg.get("block", True))
+    try:
+        launch(
+            demo,
+            host,
+            int(port) if port else None,
+            bool(cfg.get("share", False)),
+            block=block,
+            allowed_paths=[str(example_dir)],
+            inbrowser=bool(cfg.get("open_browser", False)),
+        )
+    finally:
+        if block:
+            shutil.rmtree(example_dir, ignore_errors=True)
+    return None if block else demo
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="serve")
+def main(cfg: DictConfig) -> None:
+    run_tool(serve, cfg)
+
+
+if __name__ == "__main__":
+    main()
