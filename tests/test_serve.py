@@ -145,3 +145,19 @@ def test_demo_in_a_headless_browser(demo_url: str, tiny_run: TinyRun, tmp_path: 
             expect(results).to_contain_text(f"{100 * best['probability']:.1f}%")
         finally:
             browser.close()
+
+
+def test_an_exported_onnx_model_serves_the_same_probabilities(tiny_run: TinyRun, tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    from foodvision.export import export
+
+    model_file = tmp_path / "model.onnx"
+    export(compose_tool("export", f"ckpt_path={tiny_run.checkpoint}", "format=onnx", f"output={model_file}"))
+    exported = Predictor(model_file)
+    facts = model_facts(exported)
+    assert facts["runs on"] == "ONNX Runtime, cpu, float32" and "ONNX graph" in facts["parameters"]
+    photos = sorted(str(p) for p in (tiny_run.data_root / "test").rglob("*.jpg"))[::5]
+    got = predict_files_with(exported)(photos)
+    want = predict_files_with(Predictor(tiny_run.checkpoint, precision="32"))(photos)
+    for a, b in zip(got, want, strict=True):
+        assert abs(a - b).max() < 1e-5

@@ -80,6 +80,9 @@ def model_facts(predictor: Predictor) -> dict[str, Any]:
     run_dir = run_dir_of(predictor.path)
     accuracy, source = test_accuracy(run_dir)
     params = count_parameters(predictor)
+    shown_params = (f"{params / 1e6:.2f} M" if params >= 1e5 else f"{params:,}") if params else ""
+    if shown_params and predictor.format == "onnx":
+        shown_params += " (ONNX graph, BatchNorm folded)"
     pre = info.preprocessing
     runs_on = {"onnxruntime": "ONNX Runtime", "torch": "PyTorch"}.get(predictor.engine, predictor.engine)
     return {
@@ -87,9 +90,7 @@ def model_facts(predictor: Predictor) -> dict[str, Any]:
         "classes": info.num_classes,
         "test accuracy": f"{accuracy:.1%} ({source})" if accuracy is not None else "not measured",
         "input": f"{pre.image_size} px (shorter side {pre.resize_size}, centre crop)",
-        "parameters": f"{params / 1e6:.2f} M"
-        if params and params >= 1e5
-        else (f"{params:,}" if params else ""),
+        "parameters": shown_params,
         "file": f"{predictor.path.name} ({predictor.path.stat().st_size / 1e6:.1f} MB, {predictor.format})",
         "runs on": f"{runs_on}, {predictor.device.type}, {'bf16' if predictor.precision == 'bf16' else 'float32'}",
     }
