@@ -5,14 +5,15 @@ side in two processes of their own (``multiprocessing`` spawn), so peak RSS is p
 them the repeats in alternating order (A B, B A, ...) and keeps every raw number. Reported: medians of the
 repeats, and ratios as the median of the per-repeat paired ratios (speed-up of foodvision, > 1 is faster).
 
-Sections: matmul_peak, data_loading, inference, frozen_epoch, stage2_epoch, predict, recipe (see
+Sections: matmul_peak, data_loading, inference, frozen_epoch, stage2_epoch, predict, memory, recipe (see
 ``bench/sections.py`` for what each one measures). Writes ``<out>/results.json`` (all raw numbers, machine
-info) and ``<out>/results.md`` (one table).
+info) and ``<out>/results.md`` (one table); ``--merge`` keeps the other sections of an earlier run there.
 
     python bench/run.py                          # everything but running the recipe (minutes, 2 cores)
     python bench/run.py --quick --out /tmp/b     # tiny sizes, one repeat: a smoke test, not a benchmark
     python bench/run.py --sections inference,predict --ckpt lightning_logs/runs/x/checkpoints/best.ckpt
     python bench/run.py --sections recipe --run-recipe --recipe-args "trainer.max_epochs=8"
+    python bench/run.py --sections memory --merge  # peak RSS of train.py, eval.py, predict.py (make bench-memory)
 
 The parent process never imports torch (its peak RSS would be inherited by the children it spawns).
 """
@@ -46,6 +47,7 @@ SECTION_ORDER = (
     "frozen_epoch",
     "stage2_epoch",
     "predict",
+    "memory",
     "recipe",
 )
 TWO_SIDED = ("data_loading", "inference", "frozen_epoch", "stage2_epoch", "predict")
@@ -72,8 +74,11 @@ FULL = {
     "stage2_ours_images": 1024,  # rows of ours' stage-2 epoch (then extrapolated); 0: the train split size
     "latency_photos": 10,
     "folder_photos": 128,
-    "predict_batch": 64,  # predict.py's defaults
+    "predict_batch": 0,  # predict.py's defaults (0: the batch chosen from the memory budget)
     "predict_workers": 0,
+    "memory_big_photos": 5000,  # memory: eval.py and predict.py also on this many photos (0: skip)
+    "memory_train_steps": 20,  # memory: the plain training script's steps (batch 64, on images)
+    "memory_skip_train": 0,  # memory: 1 = do not run train.py (needs --ckpt)
 }
 QUICK = {
     **FULL,
@@ -96,6 +101,8 @@ QUICK = {
     "latency_photos": 2,
     "folder_photos": 8,
     "predict_batch": 8,
+    "memory_big_photos": 24,
+    "memory_train_steps": 1,
 }
 
 
@@ -156,6 +163,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--recipe-args", default="", help='extra train.py overrides for --run-recipe, e.g. "seed=1"'
     )
     parser.add_argument(
+        "--memory-train-args",
+        default="trainer.max_epochs=10",
+        help='memory: train.py overrides (default "trainer.max_epochs=10": 8 cached head epochs + 2 stage-2 '
+        'epochs, cold cache, test included; "" runs the whole default recipe)',
+    )
+    parser.add_argument(
+        "--memory-tool-args",
+        default="",
+        help='memory: extra eval.py/predict.py overrides, e.g. "precision=32" (ONNX Runtime on CPUs with bf16)',
+    )
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the sections of <out>/results.json that this run does not measure (results.md lists all)",
+    )
+    parser.add_argument(
         "--no-cuda", action="store_true", help="skip the GPU variants even when CUDA is available"
     )
     parser.add_argument(
@@ -208,6 +231,8 @@ def build_config(args: argparse.Namespace) -> dict[str, Any]:
         log_dir=str(log_dir),
         run_recipe=bool(args.run_recipe),
         recipe_args=shlex.split(args.recipe_args),
+        memory_train_args=shlex.split(args.memory_train_args),
+        memory_tool_args=shlex.split(args.memory_tool_args),
         timeout=args.timeout,
         device="cpu",
     )
@@ -332,7 +357,7 @@ def run_section(ctx: Any, key: str, section: str, cfg: dict[str, Any]) -> dict[s
             raw[side]["setup"] = _receive(
                 processes[side][1], processes[side][0], f"{key}/{side} setup", timeout
             )
-        repeats = 1 if section == "recipe" else int(cfg["repeats"])
+        repeats = 1 if section in ("recipe", "memory") else int(cfg["repeats"])
         for repeat in range(repeats):
             for side in sides if repeat % 2 == 0 else sides[::-1]:
                 process, conn = processes[side]
@@ -772,6 +797,42 @@ def sum_recipe(label: str, raw: dict[str, Any], results: dict, cfg: dict, suffix
     return {"summary": summary, "rows": [row(label, baseline_cell, ours_cell, ratio_cell, notes)]}
 
 
+def sum_memory(label: str, raw: dict[str, Any], results: dict, cfg: dict, suffix: str) -> dict[str, Any]:
+    measured = raw["main"]["runs"][0]["measurements"]
+    plain = {m["command"]: m for m in measured if m["side"] == "plain"}
+    ours = [m for m in measured if m["side"] == "foodvision"]
+    summary = {"measurements": measured, "checkpoint": raw["main"]["runs"][0].get("checkpoint")}
+    rows = []
+    for item in ours:
+        base = (
+            plain.get(item["command"])
+            if item["photos"] == (plain.get(item["command"]) or {}).get("photos")
+            else None
+        )
+        if item["command"] == "train.py":
+            base = plain.get("train.py")
+        what = {
+            "train.py": f"train.py {' '.join(cfg.get('memory_train_args') or []) or '(default recipe)'}",
+            "eval.py": " ".join(["eval.py", *(cfg.get("memory_tool_args") or [])]),
+            "predict.py": " ".join(["predict.py", *(cfg.get("memory_tool_args") or [])]) + ", a folder",
+        }[item["command"]]
+        notes = f"{item['photos']:,} photos; whole process, {item['seconds']:.0f} s"
+        if base:
+            notes += f"; plain PyTorch: {base['photos']:,} photos, {base['seconds']:.0f} s"
+        if item["command"] == "train.py" and base:
+            notes += " (training steps on images, batch 64, blocks.5+ trainable)"
+        rows.append(
+            row(
+                f"{label}: {what} ({item['photos']:,} photos)",
+                f"{base['peak_rss_mb']:,.0f} MB" if base else "-",
+                f"{item['peak_rss_mb']:,.0f} MB",
+                f"{item['peak_rss_mb'] / base['peak_rss_mb']:.2f}x RSS" if base else "-",
+                notes,
+            )
+        )
+    return {"summary": summary, "rows": rows}
+
+
 SUMMARISERS = {
     "matmul_peak": sum_matmul,
     "data_loading": sum_loading,
@@ -779,6 +840,7 @@ SUMMARISERS = {
     "frozen_epoch": sum_frozen,
     "stage2_epoch": sum_stage2,
     "predict": sum_predict,
+    "memory": sum_memory,
     "recipe": sum_recipe,
 }
 
@@ -815,6 +877,26 @@ def memory_gb() -> float | None:
     return None
 
 
+def merge_earlier(document: dict[str, Any], path: Path) -> None:
+    """``--merge``: the sections of an earlier results.json that this run does not measure, kept in its order
+    (listed in ``merged_from``, with the run they come from)."""
+    if not path.is_file():
+        return
+    earlier = json.loads(path.read_text())
+    new = set(document["plan"])
+    kept = [key for key in earlier.get("plan", []) if key not in new and key in earlier.get("sections", {})]
+    order = {key: i for i, key in enumerate(SECTION_ORDER)}
+    document["plan"] = sorted(kept + document["plan"], key=lambda k: order.get(k.removesuffix("_cuda"), 99))
+    for key in kept:
+        document["sections"][key] = earlier["sections"][key]
+    document["merged_from"] = {
+        "started": earlier.get("started"),
+        "command": earlier.get("command"),
+        "sections": kept,
+        "earlier_merges": earlier.get("merged_from"),
+    }
+
+
 def write_outputs(out: Path, document: dict[str, Any]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(document, indent=2, default=str) + "\n")
@@ -842,6 +924,15 @@ def markdown(document: dict[str, Any]) -> str:
         f"{cfg['workers']} DataLoader worker(s) per side; {cfg['repeats']} repeat(s), sides interleaved.",
         "",
         *([f"**Warning:** {machine['busy_warning']}.", ""] if machine.get("busy_warning") else []),
+        *(
+            [
+                f"Sections {', '.join(document['merged_from']['sections'])} are from the run of "
+                f"{document['merged_from']['started']} (--merge).",
+                "",
+            ]
+            if document.get("merged_from")
+            else []
+        ),
         "| section | baseline | foodvision | ratio | notes |",
         "|---|---|---|---|---|",
     ]
@@ -926,6 +1017,8 @@ def run_all(
         "plan": [key for key, _, _ in plan],
         "sections": {},
     }
+    if args.merge:
+        merge_earlier(document, out / "results.json")
     failed = []
     for index, (key, section, section_cfg) in enumerate(plan, 1):
         print(f"[{index}/{len(plan)}] {key}", flush=True)

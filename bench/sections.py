@@ -829,7 +829,7 @@ class Predict:
             from foodvision.predict import collect_inputs, top_k_rows
 
             found = collect_inputs([str(self.folder)])
-            batch, workers = int(self.cfg["predict_batch"]), int(self.cfg["predict_workers"])
+            batch, workers = int(self.cfg["predict_batch"]) or None, int(self.cfg["predict_workers"])
             result = infer_files(
                 self.predictor, found.files, batch_size=batch, num_workers=workers, progress=False
             )
@@ -860,12 +860,170 @@ class Predict:
             }
         return {
             "path": f"Predictor + collect_inputs + infer_files: {self.predictor.describe().split(': ', 1)[-1]}",
-            "batch": int(self.cfg["predict_batch"]),
+            "batch": self.predictor.max_batch,
             "workers": int(self.cfg["predict_workers"]),
         }
 
 
-# ---- 7. recipe ------------------------------------------------------------------------------------------
+# ---- 7. memory ------------------------------------------------------------------------------------------
+def run_measured(
+    command: list[str], env: dict[str, str] | None = None, log: Path | None = None
+) -> dict[str, Any]:
+    """Run ``command`` in a process of its own; its peak RSS (``ru_maxrss`` from ``wait4``: the process and the
+    workers it waited for, as ``/usr/bin/time -f %M`` reports it), wall time and exit code."""
+    started = time.perf_counter()
+    with open(log or os.devnull, "w") as sink:
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    return {
+        "peak_rss_mb": usage.ru_maxrss / 1024.0,
+        "seconds": time.perf_counter() - started,
+        "returncode": process.returncode,
+    }
+
+
+class Memory:
+    """Peak RSS of whole commands, each in a process of its own: ``train.py`` (the default recipe, or shortened
+    by ``--memory-train-args``; cold feature cache), ``eval.py`` on the test split and on a tree of
+    ``memory_big_photos`` photos, ``predict.py`` on a folder of ``folder_photos`` and of ``memory_big_photos``;
+    beside the plain-PyTorch scripts of ``bench/plain_memory.py`` (training steps on images, an eval loop
+    with a DataLoader, one photo at a time)."""
+
+    def __init__(self, side: str, cfg: dict[str, Any]):
+        self.cfg = cfg
+        self.scratch = Path(tempfile.mkdtemp(prefix="bench-memory-"))
+        self.data = load_splits(cfg["data_root"])
+        self.food101 = (Path(cfg["data_root"]) / "meta" / "classes.txt").is_file()
+        self.results: list[dict[str, Any]] = []
+
+    def close(self) -> None:
+        shutil.rmtree(self.scratch, ignore_errors=True)
+
+    def data_args(self, root: Path | None = None) -> list[str]:
+        if root is None and self.food101:
+            return [f"data.root={self.cfg['data_root']}"]
+        return ["data=imagefolder", f"data.root={root or self.cfg['data_root']}"]
+
+    def listing(self, name: str, samples: list[tuple[str, int]]) -> Path:
+        path = self.scratch / f"{name}.tsv"
+        path.write_text("".join(f"{p}\t{label}\n" for p, label in samples))
+        return path
+
+    def folder(self, name: str, samples: list[tuple[str, int]], classes: bool = False) -> Path:
+        """Symlinks to ``samples`` (repeats get their own names); ``classes``: class folders."""
+        root = self.scratch / name
+        for index, (path, label) in enumerate(samples):
+            where = root / self.data.classes[label] if classes else root
+            where.mkdir(parents=True, exist_ok=True)
+            (where / f"{index:05d}_{Path(path).name}").symlink_to(Path(path).resolve())
+        return root
+
+    def big_tree(self, count: int) -> tuple[Path, list[tuple[str, int]]]:
+        """An image-folder tree whose test split holds ``count`` photos (every photo of the data, repeated
+        when there are fewer); train/validation: a few per class."""
+        every = [s for split in ("train", "val", "test") for s in self.data.splits[split]]
+        samples = pick(every, count, seed=4)
+        root = self.scratch / "big"
+        self.folder("big/test", samples, classes=True)
+        for split in ("train", "validation"):
+            few = [next(s for s in every if s[1] == label) for label in range(len(self.data.classes))]
+            self.folder(f"big/{split}", few * 2, classes=True)
+        return root, samples
+
+    def measure(self, key: str, side: str, photos: int, command: list[str], env: dict | None = None) -> dict:
+        say(self.cfg, f"{key} ({side}, {photos} photos): {' '.join(command[1:])[:160]}")
+        result = run_measured(command, env, self.scratch / f"{key}-{side}.log")
+        if result["returncode"] != 0:
+            tail = (self.scratch / f"{key}-{side}.log").read_text()[-2000:]
+            raise RuntimeError(f"{key} ({side}) exited with {result['returncode']}:\n{tail}")
+        row = {"command": key, "side": side, "photos": photos, **result}
+        say(self.cfg, f"  {row['peak_rss_mb']:.0f} MB peak RSS, {row['seconds']:.0f} s")
+        self.results.append(row)
+        return row
+
+    def run(self) -> dict[str, Any]:
+        python, cfg = sys.executable, self.cfg
+        env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
+        env.update(FOODVISION_CACHE=str(self.scratch / "cache"), HF_HUB_OFFLINE="1")  # a cold cache
+        splits = self.data.splits
+        train_photos = sum(len(splits[s]) for s in ("train", "val", "test"))
+        plain = [python, str(ROOT / "bench" / "plain_memory.py")]
+        ckpt = cfg.get("ckpt")
+        if not cfg.get("memory_skip_train"):
+            logs = self.scratch / "logs"
+            args = [*cfg.get("memory_train_args", []), *self.data_args(), f"paths.log_dir={logs}"]
+            self.measure("train.py", "foodvision", train_photos, [python, str(ROOT / "train.py"), *args], env)
+            found = sorted(logs.glob("runs/*/checkpoints/last.ckpt"))
+            ckpt = ckpt or (str(found[-1]) if found else None)
+        if not ckpt:
+            raise RuntimeError("no checkpoint: pass --ckpt or let the section run train.py")
+        steps = int(cfg["memory_train_steps"])
+        train_list = self.listing("train", pick(splits["train"], steps * 64, seed=5))
+        self.measure("train.py", "plain", steps * 64, [*plain, "train", ckpt, str(train_list), str(steps)])
+
+        test = splits["test"]
+        common = ["progress=false", f"ckpt_path={ckpt}", *cfg.get("memory_tool_args", [])]
+        self.measure(
+            "eval.py",
+            "foodvision",
+            len(test),
+            [
+                python,
+                str(ROOT / "eval.py"),
+                *common,
+                *self.data_args(),
+                f"output_dir={self.scratch / 'eval'}",
+            ],
+            env,
+        )
+        self.measure("eval.py", "plain", len(test), [*plain, "eval", ckpt, str(self.listing("test", test))])
+        folder_samples = pick(test, int(cfg["folder_photos"]), seed=3)
+        folder = self.folder("folder", folder_samples)
+        predict = [python, str(ROOT / "predict.py"), *common]
+        self.measure(
+            "predict.py",
+            "foodvision",
+            len(folder_samples),
+            [*predict, f"inputs=[{folder}]", f"output={self.scratch / 'folder.csv'}"],
+            env,
+        )
+        self.measure(
+            "predict.py",
+            "plain",
+            len(folder_samples),
+            [*plain, "predict", ckpt, str(self.listing("folder", folder_samples))],
+        )
+        big = int(cfg["memory_big_photos"])
+        if big:
+            root, samples = self.big_tree(big)
+            self.measure(
+                "eval.py",
+                "foodvision",
+                big,
+                [
+                    python,
+                    str(ROOT / "eval.py"),
+                    *common,
+                    *self.data_args(root),
+                    f"output_dir={self.scratch / 'ebig'}",
+                ],
+                env,
+            )
+            self.measure(
+                "predict.py",
+                "foodvision",
+                big,
+                [*predict, f"inputs=[{root / 'test'}]", f"output={self.scratch / 'big.csv'}"],
+                env,
+            )
+        return {"measurements": self.results, "checkpoint": ckpt}
+
+    def finish(self) -> dict[str, Any]:
+        return {"train_args": self.cfg.get("memory_train_args", []), "threads": self.cfg["threads"]}
+
+
+# ---- 8. recipe ------------------------------------------------------------------------------------------
 DEFAULT_MODEL_PRESET = "mobilenetv2_ft"
 # What makes a run the default recipe: everything that changes its training (not paths, data.root, precision
 # as resolved, ...). Compared with conf/ as it is now, since presets change.
@@ -1045,6 +1203,7 @@ SECTIONS = {
     "frozen_epoch": FrozenEpoch,
     "stage2_epoch": Stage2Epoch,
     "predict": Predict,
+    "memory": Memory,
     "recipe": Recipe,
 }
 

@@ -146,3 +146,37 @@ def test_recipe_reads_the_newest_default_run(tmp_path: Path) -> None:
     assert run["run_dir"].endswith("default") and run["default_recipe"]
     assert run["wall_seconds"] == 100.0 and run["test_acc"] == 0.8
     assert run["stage1_epochs"] == default["finetune"]["stage1_epochs"]
+
+
+def test_memory_rows_and_merge_keep_earlier_sections(tmp_path: Path) -> None:
+    run = load_bench_module("run")
+    measured = [
+        {"command": "train.py", "side": "foodvision", "photos": 5000, "peak_rss_mb": 1900.0, "seconds": 200},
+        {"command": "train.py", "side": "plain", "photos": 1280, "peak_rss_mb": 1500.0, "seconds": 60},
+        {"command": "eval.py", "side": "foodvision", "photos": 1250, "peak_rss_mb": 1400.0, "seconds": 50},
+        {"command": "eval.py", "side": "plain", "photos": 1250, "peak_rss_mb": 1300.0, "seconds": 70},
+        {"command": "eval.py", "side": "foodvision", "photos": 5000, "peak_rss_mb": 1410.0, "seconds": 190},
+    ]
+    raw = {
+        "status": "ok",
+        "main": {"runs": [{"measurements": measured, "checkpoint": "x.ckpt"}], "finish": {}},
+    }
+    cfg = {"memory_train_args": ["trainer.max_epochs=10"], "memory_tool_args": ["precision=32"]}
+    rows = run.sum_memory("memory", raw, {}, cfg, "")["rows"]
+    assert [r["foodvision"] for r in rows] == ["1,900 MB", "1,400 MB", "1,410 MB"]
+    assert [r["baseline"] for r in rows] == ["1,500 MB", "1,300 MB", "-"]  # no plain run on 5,000 photos
+    assert "trainer.max_epochs=10" in rows[0]["section"] and "precision=32" in rows[1]["section"]
+
+    earlier = {
+        "started": "earlier",
+        "plan": ["inference", "memory", "recipe"],
+        "sections": {"inference": {"rows": []}, "memory": {"rows": ["old"]}, "recipe": {"rows": []}},
+    }
+    (tmp_path / "results.json").write_text(json.dumps(earlier))
+    document = {"plan": ["memory"], "sections": {}}
+    run.merge_earlier(document, tmp_path / "results.json")
+    assert document["plan"] == ["inference", "memory", "recipe"]  # the sections' own order
+    assert set(document["sections"]) == {"inference", "recipe"}  # memory: this run's
+    assert document["merged_from"]["sections"] == ["inference", "recipe"]
+    run.merge_earlier(other := {"plan": ["memory"], "sections": {}}, tmp_path / "missing.json")
+    assert other == {"plan": ["memory"], "sections": {}}

@@ -14,6 +14,7 @@ from foodvision.data.datamodule import FoodDataModule
 from foodvision.data.images import BadImageError, load_rgb
 from foodvision.data.sources import DataLayoutError, discover_food101, discover_image_folder
 from foodvision.data.transforms import Preprocessing, build_train_transform
+from foodvision.data.verify import BadImagesError
 from foodvision.train import train
 
 from .conftest import SHARED_MINI, make_class_tree
@@ -162,7 +163,7 @@ def _with_bad_file(image_folder: Path) -> Path:
 def test_bad_file_stops_training_with_its_name(compose_train, image_folder: Path) -> None:
     bad = _with_bad_file(image_folder)
     cfg = compose_train("model=scratch_baseline", "debug=fdr", "data.batch_size=64", root=image_folder)
-    with pytest.raises(BadImageError, match=bad.name):
+    with pytest.raises(BadImagesError, match=bad.name):
         train(cfg)
 
 

@@ -27,7 +27,15 @@ from foodvision.cli import CONFIG_DIR, required, run_tool
 from foodvision.data.datamodule import FoodDataModule
 from foodvision.data.images import load_rgb
 from foodvision.data.splits import SPLITS
-from foodvision.inference import ClassMismatchError, Predictor, ToolError, infer_files, run_dir_of
+from foodvision.inference import (
+    ClassMismatchError,
+    Predictor,
+    Stream,
+    ToolError,
+    check_batch_size,
+    run_dir_of,
+    stream_files,
+)
 from foodvision.reporting import confusion_figure, plt, save_figure
 
 log = logging.getLogger(__name__)
@@ -35,6 +43,7 @@ log = logging.getLogger(__name__)
 SPLIT_ALIASES = {"validation": "val", "valid": "val"}
 # Keys of the `data` block of conf/eval.yaml that are eval options, not FoodDataModule arguments.
 EVAL_ONLY_DATA_KEYS = ("split",)
+PREDICTION_COLUMNS = ("file", "true", "predicted", "confidence")
 
 
 # ---- metrics --------------------------------------------------------------------------------------------
@@ -66,6 +75,30 @@ def classification_metrics(confusion: Any) -> dict[str, Any]:
 def confusion_matrix(true: Sequence[int], predicted: Sequence[int], num_classes: int) -> np.ndarray:
     index = np.asarray(true, dtype=np.int64) * num_classes + np.asarray(predicted, dtype=np.int64)
     return np.bincount(index, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+class RunningMetrics:
+    """Confusion matrix, summed cross-entropy and top-5 hits, updated batch by batch (float64 sums): the
+    same metrics as computing them over all logits at once, without keeping the logits."""
+
+    def __init__(self, num_classes: int):
+        self.num_classes = num_classes
+        self.confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
+        self.loss_sum = 0.0
+        self.top5_correct = 0
+        self.count = 0
+
+    def update(self, logits: torch.Tensor, true: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Adds a batch; returns its ``(confidence, predicted class)``."""
+        logits = logits.float()
+        confidence, predicted = logits.softmax(dim=1).max(dim=1)
+        self.confusion += confusion_matrix(true.numpy(), predicted.numpy(), self.num_classes)
+        self.loss_sum += float(F.cross_entropy(logits.double(), true, reduction="sum"))
+        if self.num_classes >= 5:
+            top5 = logits.topk(5, dim=1).indices
+            self.top5_correct += int((top5 == true[:, None]).any(dim=1).sum())
+        self.count += len(true)
+        return confidence, predicted
 
 
 # ---- where: run dir, data, classes ---------------------------------------------------------------------
@@ -260,9 +293,14 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate ``cfg.ckpt_path`` on ``cfg.data.split``; writes the eval dir and returns its metrics."""
     ckpt_path = required(cfg, "ckpt_path", "ckpt_path=lightning_logs/runs/<run>/checkpoints/last.ckpt")
     predictor = Predictor(
-        ckpt_path, cfg.get("device", "auto"), cfg.get("precision", "auto"), cfg.get("engine", "auto")
+        ckpt_path,
+        cfg.get("device", "auto"),
+        cfg.get("precision", "auto"),
+        cfg.get("engine", "auto"),
+        max_memory_mb=cfg.get("max_memory_mb"),
     )
-    log.info("model: %s", predictor.describe())
+    batch_size = predictor.use_batch_size(check_batch_size(cfg.get("batch_size")))
+    log.info("model: %s; batches of %d images", predictor.describe(), batch_size)
     run_dir = run_dir_of(predictor.path)
     split = normalise_split(cfg.data.get("split", "test"))
     data_args, origin = resolve_eval_data(cfg, run_dir)
@@ -282,40 +320,58 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     log.info("evaluating %d %s images from %s (%s) -> %s", len(files), split, datamodule.root, origin, out)
 
-    result = infer_files(
-        predictor,
-        files,
-        batch_size=int(cfg.get("batch_size", 256)),
-        num_workers=_workers(cfg),
-        progress=bool(cfg.get("progress", True)),
-        desc=f"eval {split}",
-    )
-    if not result.indices:
-        raise ToolError(
-            f"none of the {len(files)} {split} images could be read (first: {result.failed[0][1]})"
-        )
-    kept_files = [files[i] for i in result.indices]
-    true = torch.from_numpy(labels[result.indices])
-    logits = result.logits
-    probabilities = logits.softmax(dim=1)
-    confidence, predicted = probabilities.max(dim=1)
+    # One pass, batch by batch: predictions.csv is written as the batches come, the metrics are running
+    # totals, and only the misclassified rows are kept (for most_confident_wrong): memory stays flat in the
+    # number of images.
     num_classes = len(names)
-    confusion = confusion_matrix(true.numpy(), predicted.numpy(), num_classes)
+    totals = RunningMetrics(num_classes)
+    wrong: list[dict[str, Any]] = []
+    stream = Stream()
+    partial = out / "predictions.csv.partial"
+    with partial.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(PREDICTION_COLUMNS)
+        for batch in stream_files(
+            predictor,
+            files,
+            batch_size=batch_size,
+            num_workers=_workers(cfg),
+            progress=bool(cfg.get("progress", True)),
+            desc=f"eval {split}",
+            stream=stream,
+        ):
+            if not batch.indices:
+                continue
+            true = torch.from_numpy(labels[batch.indices])
+            confidence, predicted = totals.update(batch.logits, true)
+            for index, t, p, c in zip(
+                batch.indices, true.tolist(), predicted.tolist(), confidence.tolist(), strict=True
+            ):
+                row = {"file": files[index], "true": names[t], "predicted": names[p], "confidence": float(c)}
+                writer.writerow([row["file"], row["true"], row["predicted"], _f(row["confidence"])])
+                if t != p:
+                    wrong.append(row)
+    if not stream.predicted:
+        partial.unlink(missing_ok=True)
+        raise ToolError(
+            f"none of the {len(files)} {split} images could be read (first: {stream.failed[0][1]})"
+        )
+    partial.replace(out / "predictions.csv")
+    confusion = totals.confusion
     scores = classification_metrics(confusion)
     per_class = scores.pop("per_class")
 
     metrics: dict[str, Any] = {"accuracy": scores["accuracy"]}
     if num_classes >= 5:
-        top5 = logits.topk(5, dim=1).indices
-        metrics["top5_accuracy"] = float((top5 == true[:, None]).any(dim=1).float().mean())
-    metrics["loss"] = float(F.cross_entropy(logits, true))
+        metrics["top5_accuracy"] = totals.top5_correct / totals.count
+    metrics["loss"] = totals.loss_sum / totals.count
     metrics.update({k: v for k, v in scores.items() if k != "accuracy"})
     metrics.update(
         {
             "split": split,
-            "num_images": len(kept_files),
+            "num_images": totals.count,
             "num_classes": num_classes,
-            "skipped_images": [{"file": f, "reason": r} for f, r in result.failed],
+            "skipped_images": [{"file": f, "reason": r} for f, r in stream.failed],
             "checkpoint": str(predictor.path),
             "model": predictor.info.architecture,
             "precision": predictor.precision,
@@ -345,25 +401,16 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     title = f"{split} confusion (row-normalised)\n{predictor.info.architecture}, accuracy {metrics['accuracy']:.3f}"
     save_figure(confusion_figure(confusion, names, title), out / "confusion_matrix.png")
 
-    rows = [
-        {"file": f, "true": names[t], "predicted": names[p], "confidence": float(c)}
-        for f, t, p, c in zip(kept_files, true.tolist(), predicted.tolist(), confidence.tolist(), strict=True)
-    ]
-    write_csv(
-        out / "predictions.csv",
-        ["file", "true", "predicted", "confidence"],
-        [[r["file"], r["true"], r["predicted"], _f(r["confidence"])] for r in rows],
-    )
-    wrong = sorted(
-        (r for r in rows if r["true"] != r["predicted"]), key=lambda r: (-r["confidence"], r["file"])
-    )
+    wrong.sort(key=lambda r: (-r["confidence"], r["file"]))
     write_csv(
         out / "most_confident_wrong.csv",
-        ["file", "true", "predicted", "confidence"],
+        PREDICTION_COLUMNS,
         [[r["file"], r["true"], r["predicted"], _f(r["confidence"])] for r in wrong],
     )
     shown = wrong[: int(cfg.get("top_wrong", 16))]
-    grid_title = f"most confident mistakes ({len(shown)} of {len(wrong)} wrong of {len(rows)} {split} images)"
+    grid_title = (
+        f"most confident mistakes ({len(shown)} of {len(wrong)} wrong of {totals.count} {split} images)"
+    )
     save_figure(wrong_grid_figure(shown, grid_title), out / "most_confident_wrong.png")
 
     curves = read_curves(run_dir)
@@ -378,7 +425,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     from foodvision.report import write_report  # report.html from the files above (foodvision.report)
 
     write_report(out, predictor)
-    _print_summary(metrics, out, result.images_per_second)
+    _print_summary(metrics, out, stream.images_per_second)
     return metrics
 
 

@@ -28,7 +28,18 @@ from tqdm.auto import tqdm
 
 from foodvision.data.images import BadImageError, load_rgb
 from foodvision.data.transforms import Preprocessing
-from foodvision.engine import ENGINES, OnnxRuntimeModule, onnxruntime_available, resolve_engine
+from foodvision.engine import (
+    ENGINES,
+    OnnxRuntimeModule,
+    batch_for_memory,
+    default_max_memory_mb,
+    graph_bytes_per_image,
+    module_bytes_per_image,
+    onnxruntime_available,
+    resolve_engine,
+    run_in_chunks,
+    session_options,
+)
 from foodvision.hardware import cpu_has_native_bf16
 
 log = logging.getLogger(__name__)
@@ -273,7 +284,7 @@ def _load_onnx(path: Path) -> tuple[Any, ModelInfo]:
             f"{path} is an ONNX model, and running it needs onnxruntime: pip install 'foodvision[onnx]'"
         ) from error
     try:
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"])
     except Exception as error:  # noqa: BLE001
         raise ModelLoadError(f"cannot load ONNX model {path}: {error}") from error
     meta = session.get_modelmeta().custom_metadata_map.get(META_KEY)
@@ -322,12 +333,46 @@ def check_engine(engine: Any) -> str:
     return value
 
 
+def check_max_memory_mb(value: Any) -> float | None:
+    """``None`` (the default budget) or a positive number of MB, else a ToolError."""
+    if value in (None, "", "auto"):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = -1.0
+    if not number > 0:
+        raise ToolError(
+            f"max_memory_mb must be a positive number of MB (or null for the default), got {value!r}"
+        )
+    return number
+
+
+def check_batch_size(value: Any) -> int | None:
+    """``None`` (chosen from the memory budget) or a positive integer, else a ToolError."""
+    if value in (None, "", "auto"):
+        return None
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        number = 0
+    if number < 1 or str(number) != str(value).strip():
+        raise ToolError(
+            f"batch_size must be a positive integer (or null: chosen from max_memory_mb), got {value!r}"
+        )
+    return number
+
+
 class Predictor:
     """Normalised NCHW float images -> float32 logits, for any model format.
 
     Checkpoints run with ``engine`` (:func:`foodvision.engine.resolve_engine`; ``auto``: ONNX Runtime for
     float32 on a CPU, else PyTorch in ``torch.inference_mode`` with channels_last inputs and bf16 autocast
     where supported). Exported ``.onnx`` files always run with ONNX Runtime, TorchScript files with PyTorch.
+
+    ``max_batch``: images per forward pass, chosen so that its working memory fits ``max_memory_mb``
+    (default :func:`foodvision.engine.default_max_memory_mb`); :meth:`use_batch_size` sets it explicitly.
+    Larger batches are run in chunks of ``max_batch``, so memory stays bounded whatever a caller passes.
     """
 
     def __init__(
@@ -336,8 +381,10 @@ class Predictor:
         device: str | None = "auto",
         precision: Any = "auto",
         engine: str | None = "auto",
+        max_memory_mb: float | None = None,
     ):
         requested = check_engine(engine)
+        self.max_memory_mb = check_max_memory_mb(max_memory_mb) or default_max_memory_mb()
         self.path = require_file(path, "model file")
         self.format = model_format(self.path)
         self.checkpoint: dict[str, Any] | None = None
@@ -375,13 +422,41 @@ class Predictor:
             if requested_precision != "32" and str(precision).lower() != "auto":
                 log.warning("exported models run in float32; precision=%s ignored", precision)
             self.precision = "32"
+        self.max_batch = self._batch_for_memory()
+
+    def _batch_for_memory(self) -> int:
+        """Images per forward pass that fit ``max_memory_mb``, from the network's working memory per image."""
+        if self.runner is not None:
+            return self.runner.max_batch
+        size = self.preprocessing.image_size
+        if self.format == "onnx":
+            per_image = graph_bytes_per_image(self.path.read_bytes())
+        elif self.format == "checkpoint":
+            per_image = module_bytes_per_image(self.model, torch.zeros(1, 3, size, size, device=self.device))
+        else:
+            per_image = None  # TorchScript: no estimate, the fixed fallback
+        return batch_for_memory(per_image, self.max_memory_mb)
+
+    def use_batch_size(self, batch_size: int | None) -> int:
+        """The batch size to read images in: ``batch_size`` when given (then also the forward pass's, even
+        beyond the memory budget: what the user asked for), else :attr:`max_batch`."""
+        if batch_size:
+            self.max_batch = int(batch_size)
+            if self.runner is not None:
+                self.runner.max_batch = self.max_batch
+        return self.max_batch
 
     def _onnxruntime(self, model: nn.Module, explicit: bool) -> OnnxRuntimeModule | None:
         """``model`` exported (in memory) and loaded by ONNX Runtime; ``None`` (run it with PyTorch) where
         that fails and ONNX Runtime was only chosen by ``engine=auto``."""
         size = self.info.preprocessing.image_size
         try:
-            return OnnxRuntimeModule(model, torch.zeros(1, 3, size, size), output_names=("logits",))
+            return OnnxRuntimeModule(
+                model,
+                torch.zeros(1, 3, size, size),
+                output_names=("logits",),
+                max_memory_mb=self.max_memory_mb,
+            )
         except Exception as error:  # noqa: BLE001 - the exporter and ORT raise many types
             if explicit:
                 raise ToolError(
@@ -413,12 +488,13 @@ class Predictor:
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         if self.format == "onnx":
-            name = self.model.get_inputs()[0].name
-            output = self.model.run(None, {name: images.float().contiguous().numpy()})[0]
+            output = run_in_chunks(self.model, images.float().contiguous().numpy(), self.max_batch)[0]
             return torch.from_numpy(np.asarray(output, dtype=np.float32))
         size = self.preprocessing.image_size
         if self.runner is not None and tuple(images.shape[-2:]) == (size, size):
             return self.runner(images).float()  # exported at this size; other sizes run with PyTorch below
+        if len(images) > self.max_batch:
+            return torch.cat([self.logits(chunk) for chunk in images.split(self.max_batch)])
         images = images.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), autocast(self.device, self.precision):
             return self.model(images).float().cpu()
@@ -479,44 +555,91 @@ class InferenceResult:
 
 
 def iterate_batches(
-    predictor: Predictor, files: Sequence[str | Path], batch_size: int, num_workers: int
+    predictor: Predictor, files: Sequence[str | Path], batch_size: int | None, num_workers: int
 ) -> Iterator[tuple[list[int], torch.Tensor | None, list]]:
+    """``(indices, logits or None, [(index, reason)])`` per batch of ``files``, in order. ``batch_size``
+    ``None``: the predictor's memory-bounded batch (:meth:`Predictor.use_batch_size`)."""
     loader = DataLoader(
         ImageFiles(files, predictor.preprocessing),
-        batch_size=batch_size,
+        batch_size=predictor.use_batch_size(batch_size),
         shuffle=False,
         num_workers=num_workers,
         collate_fn=collate_files,
     )
     for indices, images, bad in loader:
         yield indices, (predictor.logits(images) if images is not None else None), bad
+        del images  # before the loader builds the next batch
+
+
+@dataclass
+class Batch:
+    """One batch of :func:`stream_files`: logits of the files that could be read and why others could not."""
+
+    indices: list[int]
+    logits: torch.Tensor
+    failed: list[tuple[str, str]]
+
+
+@dataclass
+class Stream:
+    """Running totals of :func:`stream_files`, complete once the iteration has ended."""
+
+    predicted: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def images_per_second(self) -> float:
+        return self.predicted / self.seconds if self.seconds > 0 else float("nan")
+
+
+def stream_files(
+    predictor: Predictor,
+    files: Sequence[str],
+    batch_size: int | None = None,
+    num_workers: int = 0,
+    progress: bool = True,
+    desc: str = "predict",
+    stream: Stream | None = None,
+) -> Iterator[Batch]:
+    """Predict ``files`` batch by batch in their given order (so re-runs are identical), skipping unreadable
+    ones: memory stays flat in the number of files. ``stream`` (when given) collects the totals."""
+    stream = stream if stream is not None else Stream()
+    started = time.perf_counter()
+    empty = torch.empty(0, predictor.info.num_classes)
+    with tqdm(total=len(files), desc=desc, unit="img", disable=not progress, leave=False) as bar:
+        for batch_indices, logits, bad in iterate_batches(predictor, files, batch_size, num_workers):
+            failed = [(files[index], reason) for index, reason in bad]
+            for name, reason in failed:
+                log.warning("skipping %s: %s", name, reason)
+            stream.failed += failed
+            stream.predicted += len(batch_indices) if logits is not None else 0
+            yield Batch(
+                batch_indices if logits is not None else [], logits if logits is not None else empty, failed
+            )
+            bar.update(len(batch_indices) + len(bad))
+    stream.seconds = time.perf_counter() - started
 
 
 def infer_files(
     predictor: Predictor,
     files: Sequence[str | Path],
-    batch_size: int = 128,
+    batch_size: int | None = None,
     num_workers: int = 0,
     progress: bool = True,
     desc: str = "predict",
 ) -> InferenceResult:
-    """Predict ``files`` in their given order (so re-runs are identical), skipping unreadable ones."""
+    """Predict ``files`` in their given order (so re-runs are identical), skipping unreadable ones; all the
+    logits at once (:func:`stream_files` gives them batch by batch)."""
     files = [str(f) for f in files]
-    started = time.perf_counter()
+    stream = Stream()
     indices: list[int] = []
     chunks: list[torch.Tensor] = []
-    failed: list[tuple[str, str]] = []
-    with tqdm(total=len(files), desc=desc, unit="img", disable=not progress, leave=False) as bar:
-        for batch_indices, logits, bad in iterate_batches(predictor, files, batch_size, num_workers):
-            if logits is not None:
-                indices += batch_indices
-                chunks.append(logits)
-            for index, reason in bad:
-                failed.append((files[index], reason))
-                log.warning("skipping %s: %s", files[index], reason)
-            bar.update(len(batch_indices) + len(bad))
+    for batch in stream_files(predictor, files, batch_size, num_workers, progress, desc, stream):
+        indices += batch.indices
+        chunks.append(batch.logits)
     logits = torch.cat(chunks) if chunks else torch.empty(0, predictor.info.num_classes)
-    return InferenceResult(files, indices, logits, failed, time.perf_counter() - started)
+    return InferenceResult(files, indices, logits, stream.failed, stream.seconds)
 
 
 def measure_throughput(

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import sys
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from foodvision.cli import CONFIG_DIR, EXPECTED_ERRORS, required
 from foodvision.data.images import IMAGE_EXTENSIONS, is_image_file
-from foodvision.inference import Predictor, ToolError, infer_files
+from foodvision.inference import Predictor, Stream, ToolError, check_batch_size, stream_files
 
 log = logging.getLogger(__name__)
 
@@ -150,28 +151,70 @@ def format_table(rows: Sequence[dict[str, Any]], failed: Sequence[tuple[str, str
     return table.strip("\n")
 
 
+class PredictionWriter:
+    """Writes ``output=`` (.csv or .json) while predicting: rows as they come (:meth:`add`), the failed inputs
+    at the end (:meth:`close`), so memory does not grow with the number of photos. The file is the same,
+    byte for byte, as one written at once (``json.dumps(document, indent=2)``; CSV: a header with the top-k
+    columns of the first row, one line per photo, then one per failure); it is written under
+    ``<name>.partial`` and renamed when complete."""
+
+    def __init__(self, path: Path, model: str):
+        self.path = Path(path)
+        self.json = self.path.suffix.lower() == ".json"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.partial = self.path.with_name(self.path.name + ".partial")
+        self.handle = self.partial.open("w", newline="")
+        self.csv = csv.writer(self.handle)
+        self.k: int | None = None  # top-k columns of the CSV, from the first row (1 when there is none)
+        self.rows = 0
+        if self.json:
+            self.handle.write('{\n  "model": ' + json.dumps(model) + ',\n  "predictions": [')
+
+    def _header(self, k: int) -> None:
+        self.k = k
+        if not self.json:
+            columns = [f"{what}_{i + 1}" for i in range(k) for what in ("class", "probability")]
+            self.csv.writerow(["file", *columns, "error"])
+
+    def add(self, rows: Sequence[dict[str, Any]]) -> None:
+        for row in rows:
+            if self.k is None:
+                self._header(len(row["predictions"]))
+            if self.json:
+                self.handle.write(
+                    ("\n" if not self.rows else ",\n") + textwrap.indent(json.dumps(row, indent=2), "    ")
+                )
+            else:
+                cells = [v for p in row["predictions"] for v in (p["class"], f"{p['probability']:.6f}")]
+                self.csv.writerow([row["file"], *cells, ""])
+            self.rows += 1
+
+    def close(self, failed: Sequence[tuple[str, str]]) -> None:
+        if self.k is None:
+            self._header(1)
+        if self.json:
+            self.handle.write("\n  ]" if self.rows else "]")
+            listed = [{"file": name, "error": reason} for name, reason in failed]
+            self.handle.write("," + json.dumps({"failed": listed}, indent=2)[1:-1] + "}\n")
+        else:
+            for name, reason in failed:
+                self.csv.writerow([name, *([""] * 2 * (self.k or 1)), reason])
+        self.handle.close()
+        self.partial.replace(self.path)
+
+    def discard(self) -> None:
+        """After an error: no half-written file is left behind."""
+        self.handle.close()
+        self.partial.unlink(missing_ok=True)
+
+
 def write_output(
     path: Path, rows: Sequence[dict[str, Any]], failed: Sequence[tuple[str, str]], model: str
 ) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix.lower() == ".json":
-        document = {
-            "model": model,
-            "predictions": list(rows),
-            "failed": [{"file": name, "error": reason} for name, reason in failed],
-        }
-        path.write_text(json.dumps(document, indent=2) + "\n")
-        return
-    k = len(rows[0]["predictions"]) if rows else 1
-    header = ["file"] + [f"{what}_{i + 1}" for i in range(k) for what in ("class", "probability")] + ["error"]
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(header)
-        for row in rows:
-            cells = [v for p in row["predictions"] for v in (p["class"], f"{p['probability']:.6f}")]
-            writer.writerow([row["file"], *cells, ""])
-        for name, reason in failed:
-            writer.writerow([name, *([""] * 2 * k), reason])
+    """All at once (the same file as :class:`PredictionWriter` writes as it goes)."""
+    writer = PredictionWriter(path, model)
+    writer.add(rows)
+    writer.close(failed)
 
 
 def predict(cfg: DictConfig) -> tuple[int, list[dict[str, Any]], list[tuple[str, str]]]:
@@ -185,29 +228,48 @@ def predict(cfg: DictConfig) -> tuple[int, list[dict[str, Any]], list[tuple[str,
     if output is not None and output.suffix.lower() not in (".csv", ".json"):
         raise ToolError(f"output must end in .csv or .json, got {output}")
     predictor = Predictor(
-        ckpt_path, cfg.get("device", "auto"), cfg.get("precision", "auto"), cfg.get("engine", "auto")
+        ckpt_path,
+        cfg.get("device", "auto"),
+        cfg.get("precision", "auto"),
+        cfg.get("engine", "auto"),
+        max_memory_mb=cfg.get("max_memory_mb"),
     )
-    log.info("model: %s", predictor.describe())
+    batch_size = predictor.use_batch_size(check_batch_size(cfg.get("batch_size")))
+    log.info("model: %s; batches of %d images", predictor.describe(), batch_size)
     found = collect_inputs(raw)
     if found.ignored:
         log.info("ignored %d non-image file(s) in folders, e.g. %s", len(found.ignored), found.ignored[0])
     failed = list(found.problems)
     rows: list[dict[str, Any]] = []
-    if found.files:
-        result = infer_files(
-            predictor,
-            found.files,
-            batch_size=int(cfg.get("batch_size", 64)),
-            num_workers=int(cfg.get("num_workers") or 0),
-            progress=bool(cfg.get("progress", True)) and len(found.files) > 1,
-        )
-        rows = top_k_rows(
-            found.files, result.indices, result.probabilities, predictor.class_names, cfg.get("top_k", 3)
-        )
-        failed += result.failed
+    # Batch by batch: the output file is written as the predictions come (no logits are kept).
+    writer = PredictionWriter(output, str(predictor.path)) if output is not None else None
+    try:
+        if found.files:
+            stream = Stream()
+            for batch in stream_files(
+                predictor,
+                found.files,
+                batch_size=batch_size,
+                num_workers=int(cfg.get("num_workers") or 0),
+                progress=bool(cfg.get("progress", True)) and len(found.files) > 1,
+                stream=stream,
+            ):
+                if batch.indices:
+                    probabilities = batch.logits.float().softmax(dim=1)
+                    new = top_k_rows(
+                        found.files, batch.indices, probabilities, predictor.class_names, cfg.get("top_k", 3)
+                    )
+                    rows += new
+                    if writer is not None:
+                        writer.add(new)
+            failed += stream.failed
+    except BaseException:
+        if writer is not None:
+            writer.discard()
+        raise
     print(format_table(rows, failed), flush=True)
-    if output is not None:
-        write_output(output, rows, failed, str(predictor.path))
+    if writer is not None:
+        writer.close(failed)
         print(f"\nwrote {output}", flush=True)
     if not rows:
         print(

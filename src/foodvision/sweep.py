@@ -331,6 +331,18 @@ class SweepSummary(Callback):
             return
         csv_path, md_path, table = write_sweep_summary(sweep_dir, self.name, self.rows)
         log.info("sweep summary: %s, %s\n%s", csv_path, md_path, table)
+        statuses = [row["status"] for row in sweep_rows(sweep_dir, self.rows)]
+        failed = statuses.count("failed")
+        if statuses and failed == len(statuses):
+            # Exit non-zero (SystemExit passes Hydra's callback guard) so scripts and CI see it.
+            print(
+                f"error: all {failed} trials of the sweep failed (see failed.json in each trial dir and {md_path})",
+                file=sys.stderr,
+                flush=True,
+            )
+            sys.exit(1)
+        if failed:
+            log.warning("%d of %d trials failed (see %s)", failed, len(statuses), md_path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import os
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -18,9 +20,12 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from foodvision.callbacks.feature_cache import FeatureCache
 from foodvision.callbacks.finetune import TwoStageFinetuning
 from foodvision.callbacks.inference_engine import InferenceEngine
+from foodvision.cli import EXPECTED_ERRORS
+from foodvision.config_check import ConfigError, check_train_config
 from foodvision.data.datamodule import FoodDataModule
 from foodvision.data.sources import default_food101_root
 from foodvision.hardware import cpu_has_native_bf16
+from foodvision.inference import ModelLoadError, read_checkpoint
 from foodvision.module import LitClassifier
 from foodvision.sweep import run_trial
 
@@ -61,18 +66,43 @@ def resolve_checkpoint(ckpt_path: str | None, log_dir: str) -> str | None:
     if ckpt_path == "last":
         found = sorted(Path(log_dir).glob("**/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
         if not found:
-            raise FileNotFoundError(f"ckpt_path=last but there is no last.ckpt under {log_dir}")
+            raise ConfigError(
+                f"ckpt_path=last but there is no last.ckpt under {log_dir} (paths.log_dir): nothing to resume"
+            )
         return str(found[-1])
     if not Path(ckpt_path).is_file():
-        raise FileNotFoundError(f"checkpoint {ckpt_path} does not exist")
+        raise ConfigError(f"ckpt_path={ckpt_path}: no such checkpoint file")
     return ckpt_path
 
 
+def resume_run_dir(ckpt_path: str | None, log_dir: str, fresh: str) -> str:
+    """The run dir a run writes to: the interrupted run's (``<run>/checkpoints/x.ckpt``) when resuming,
+    else ``fresh``. Used by Hydra's ``hydra.run.dir`` (resolver ``fv_run_dir``), so a resumed run appends to
+    its own ``train.log`` instead of leaving a stray run dir; never raises (train() reports bad paths)."""
+    try:
+        path = resolve_checkpoint(ckpt_path, log_dir)
+    except ConfigError:
+        return fresh
+    if path is None or Path(path).resolve().parent.name != "checkpoints":
+        return fresh
+    return str(Path(path).resolve().parent.parent)
+
+
+def hydra_subdir(ckpt_path: str | None) -> str:
+    """Where Hydra keeps its record of a run: ``.hydra``, or ``.hydra/resume-<time>`` for each resume (the
+    original record stays)."""
+    return f".hydra/resume-{dt.datetime.now():%Y-%m-%d_%H-%M-%S}" if ckpt_path else ".hydra"
+
+
+for _name, _resolver in (("fv_run_dir", resume_run_dir), ("fv_hydra_subdir", hydra_subdir)):
+    if not OmegaConf.has_resolver(_name):
+        OmegaConf.register_new_resolver(_name, _resolver)
+
+
 def check_resumable(ckpt_path: str, module: LitClassifier) -> None:
-    """Refuse, with the differences spelled out, a checkpoint of another architecture or class set."""
-    saved = torch.load(ckpt_path, map_location="cpu", weights_only=True).get("foodvision")
-    if saved is None:
-        raise ValueError(f"{ckpt_path} is not a foodvision checkpoint (no 'foodvision' metadata)")
+    """Refuse, with the differences spelled out, a damaged checkpoint or one of another architecture or
+    class set."""
+    saved = read_checkpoint(ckpt_path)["foodvision"]
     problems = []
     for key in ("kind", "name", "head", "scratch"):
         theirs, ours = saved["model"].get(key), module.hparams.model.get(key)
@@ -85,7 +115,7 @@ def check_resumable(ckpt_path: str, module: LitClassifier) -> None:
             f"classes differ (data has {missing or 'none'} not in the checkpoint; checkpoint has {extra or 'none'} not in the data)"
         )
     if problems:
-        raise ValueError(f"cannot resume from {ckpt_path}: " + "; ".join(problems))
+        raise ModelLoadError(f"cannot resume from {ckpt_path}: " + "; ".join(problems))
 
 
 def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
@@ -144,6 +174,7 @@ def build_module(cfg: DictConfig, datamodule: FoodDataModule) -> LitClassifier:
 def train(cfg: DictConfig) -> tuple[float | None, dict[str, Any]]:
     """Fit and test; returns the optimised metric (for sweepers) and the final metrics."""
     started = time.time()
+    check_train_config(cfg)
     resume = resolve_checkpoint(cfg.get("ckpt_path"), cfg.paths.log_dir)
     with open_dict(cfg):
         resolve_data_root(cfg)
@@ -160,13 +191,16 @@ def train(cfg: DictConfig) -> tuple[float | None, dict[str, Any]]:
     datamodule.discover()
     module = build_module(cfg, datamodule)
     datamodule.preprocessing = module.preprocessing
+    if resume:
+        check_resumable(resume, module)
+    datamodule.verify_images()  # every split, before any training: all bad files reported at once
     loggers = [
         hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values() if c and "_target_" in c
     ]
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=build_callbacks(cfg), logger=loggers or False
     )
-    if trainer.is_global_zero:
+    if trainer.is_global_zero and not resume:  # a resumed run keeps the config it was started with
         OmegaConf.save(cfg, run_dir / "config.yaml")
     hparams = _flat_hparams(cfg, datamodule, module)
     for logger in loggers:
@@ -174,9 +208,6 @@ def train(cfg: DictConfig) -> tuple[float | None, dict[str, Any]]:
     log.info("classes (%d): %s", datamodule.num_classes, ", ".join(datamodule.classes))
     if resume:
         log.info("resuming from %s", resume)
-
-    if resume:
-        check_resumable(resume, module)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
     fit_seconds = time.time() - started
 
@@ -198,6 +229,7 @@ def train(cfg: DictConfig) -> tuple[float | None, dict[str, Any]]:
         )
     bad = datamodule.bad_images()
     metrics["skipped_bad_images"] = len(bad)
+    metrics["bad_images"] = bad
     metrics["wall_seconds"] = round(time.time() - started, 1)
     if trainer.is_global_zero:
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -235,9 +267,15 @@ def _flat_hparams(cfg: DictConfig, datamodule: FoodDataModule, module: LitClassi
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    # In a multirun a failing trial is logged and written to <trial dir>/failed.json and the sweep goes on;
-    # a single run raises as usual.
-    return run_trial(train, cfg)
+    # In a multirun a failing trial is logged and written to <trial dir>/failed.json and the sweep goes on.
+    # A user error (bad data, config or checkpoint) ends a single run with one message, no traceback.
+    try:
+        return run_trial(train, cfg)
+    except EXPECTED_ERRORS as error:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"error: {error}\n(HYDRA_FULL_ERROR=1 shows the traceback)", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from torch.utils.data import Dataset, TensorDataset
 from tqdm.auto import tqdm
 
 from foodvision.callbacks.finetune import TwoStageFinetuning
-from foodvision.engine import onnxruntime_or_none, resolve_engine
+from foodvision.engine import ChunkedForward, onnxruntime_or_none, resolve_engine, torch_max_batch
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,6 @@ def in_prefix(depth: int) -> Callable[[str], bool]:
     """Parameter names of the stem and the first ``depth`` blocks (see ``ImageClassifier.forward_prefix``)."""
     blocks = tuple(f"blocks.{i}." for i in range(depth))
     return lambda name: name.startswith(("conv_stem.", "bn1.", *blocks))
-
 
 def image_list_digest(paths: list[str]) -> str:
     """sha256 of the files' paths, sizes and modification times (a changed photo rebuilds the cache)."""
@@ -118,7 +117,20 @@ def frozen_forward(
             prefix = net.forward_prefix(images, depth)
             return net.forward_suffix(prefix, depth).float().cpu(), prefix.cpu().contiguous()
 
-    return run_torch
+    if pl_module.device.type != "cpu":
+        return run_torch
+    # On a CPU, the loader's batches run in chunks that fit the inference memory budget (as ONNX Runtime's).
+    size = pl_module.preprocessing.image_size
+    chunked = ChunkedForward(
+        lambda images: tuple(t for t in run_torch(images) if t is not None),
+        torch_max_batch(PooledAndPrefix(net, depth), size),
+    )
+
+    def run_torch_chunked(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        outputs = chunked(images)
+        return (outputs[0], outputs[1]) if depth is not None else (outputs[0], None)
+
+    return run_torch_chunked
 
 
 class PooledAndPrefix(torch.nn.Module):
@@ -145,11 +157,17 @@ def extract_features(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Pooled backbone features, labels and (when ``run`` gives them) the frozen prefix's feature maps of
     every readable image of ``loader``, in order, from one pass of the backbone in eval mode (of the
-    mirrored images with ``flip``)."""
+    mirrored images with ``flip``).
+
+    Rows are written into tensors sized for the whole dataset when the first batch arrives, not gathered
+    and concatenated: the prefix maps are large (3,380 x 96x16x16 floats: 330 MB), and a list plus its
+    concatenation would hold them twice."""
     backbone = pl_module.net.backbone
     was_training = backbone.training
     backbone.eval()
-    pooled, labels, maps = [], [], []
+    rows = len(loader.dataset)  # an upper bound: unreadable images may be skipped
+    pooled = labels = maps = None
+    filled = 0
     try:
         for batch in tqdm(loader, desc=desc, unit="batch", dynamic_ncols=True):
             if batch is None:
@@ -158,13 +176,26 @@ def extract_features(
             if flip:
                 images = images.flip(-1)
             features, prefix = run(images)
-            pooled.append(features.float())
-            labels.append(targets.cpu())
-            if prefix is not None:
-                maps.append(prefix)
+            del images
+            if pooled is None:
+                pooled = features.new_empty((rows, *features.shape[1:]), dtype=torch.float32)
+                labels = targets.new_empty((rows, *targets.shape[1:]), device="cpu")
+                if prefix is not None:
+                    maps = prefix.new_empty((rows, *prefix.shape[1:]), device="cpu")
+            count = len(features)
+            pooled[filled : filled + count] = features.float()
+            labels[filled : filled + count] = targets.cpu()
+            if maps is not None and prefix is not None:
+                maps[filled : filled + count] = prefix
+            filled += count
     finally:
         backbone.train(was_training)
-    return torch.cat(pooled), torch.cat(labels), (torch.cat(maps) if maps else None)
+    if pooled is None:
+        raise RuntimeError(f"{desc}: no readable images")
+    if filled < rows:  # a copy, so that the saved tensors do not carry the unused rows
+        pooled, labels = pooled[:filled].clone(), labels[:filled].clone()
+        maps = maps[:filled].clone() if maps is not None else None
+    return pooled, labels, maps
 
 
 class RandomViewDataset(Dataset):
@@ -307,6 +338,7 @@ class FeatureCache(Callback):
             prefix_path = cache_path(f"prefix{self.depth}", state_digest(backbone, in_prefix(self.depth)))
         wanted = pooled_path if output == "pooled" else prefix_path
         assert wanted is not None
+        built: dict[str, TensorDataset] = {}  # this process's fresh tensors: not loaded a second time
         if trainer.is_global_zero and not wanted.is_file():
             dataset = (
                 datamodule.image_dataset(
@@ -329,19 +361,20 @@ class FeatureCache(Callback):
             )
             if output == "pooled":
                 self._save(pooled_path, {"features": features, "labels": labels})
+                built["pooled"] = TensorDataset(features, labels)
             if maps is not None and prefix_path is not None:
                 self._save(prefix_path, {"features": maps, "labels": labels})
+                built["prefix"] = TensorDataset(maps, labels)
+            del features, maps
         else:
             self.hits.append(str(wanted))
             log.info("feature cache hit: %s", wanted)
         trainer.strategy.barrier("feature-cache")
         if output == "pooled" and prefix_path is not None and prefix_path.is_file():
-            stored = torch.load(prefix_path, map_location="cpu", weights_only=True)
-            self._prefix_maps.setdefault(split, []).append(
-                TensorDataset(stored["features"], stored["labels"])
-            )
-        stored = torch.load(wanted, map_location="cpu", weights_only=True)
-        return TensorDataset(stored["features"], stored["labels"])
+            maps = built.pop("prefix", None)
+            self._prefix_maps.setdefault(split, []).append(maps if maps is not None else _load(prefix_path))
+        fresh = built.get("pooled" if output == "pooled" else "prefix")
+        return fresh if fresh is not None else _load(wanted)
 
     def _save(self, path: Path, tensors: dict[str, torch.Tensor]) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -372,6 +405,11 @@ class FeatureCache(Callback):
         pl_module.prefix_depth = None
         self._prefix_maps.clear()
         self.mode = None
+
+
+def _load(path: Path) -> TensorDataset:
+    stored = torch.load(path, map_location="cpu", weights_only=True)
+    return TensorDataset(stored["features"], stored["labels"])
 
 
 def request_dataloader_reload(trainer: L.Trainer) -> None:

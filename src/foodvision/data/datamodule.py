@@ -15,9 +15,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from foodvision.data.balance import balance_samples, check_balance_mode, class_counts
 from foodvision.data.datasets import ImageListDataset, collate_skipping_none, read_bad_images_log
+from foodvision.data.sampling import EpochShuffleSampler
 from foodvision.data.sources import DataLayoutError, DatasetSplits, discover_food101, discover_image_folder
 from foodvision.data.splits import SPLITS, write_split_file
 from foodvision.data.transforms import Preprocessing, build_train_transform
+from foodvision.data.verify import BadImagesError, describe_bad_images, find_bad_images
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +75,7 @@ class FoodDataModule(L.LightningDataModule):
         balance: str | None = "none",
         augment: Mapping[str, Any] | None = None,
         output_dir: str | None = None,
+        cache_dir: str | None = None,
     ):
         super().__init__()
         if source not in ("food101", "imagefolder"):
@@ -95,6 +98,9 @@ class FoodDataModule(L.LightningDataModule):
         self.balance = check_balance_mode(balance)
         self.augment = dict(augment or {"name": "none"})
         self.output_dir = Path(output_dir) if output_dir else None
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.skipped: dict[str, str] = {}  # bad files left out by verify_images (path -> reason)
+        self._verified = False
         self.preprocessing: Preprocessing | None = None
         self.data: DatasetSplits | None = None
         self.datasets: dict[str, Dataset] = {}
@@ -144,12 +150,54 @@ class FoodDataModule(L.LightningDataModule):
         return self.output_dir / "bad_images.tsv" if self.output_dir else None
 
     def bad_images(self) -> list[str]:
-        return read_bad_images_log(self.bad_images_log) if self.bad_images_log else []
+        """Files left out of this run: found by :meth:`verify_images`, or unreadable later on."""
+        later = read_bad_images_log(self.bad_images_log) if self.bad_images_log else []
+        return sorted(set(self.skipped) | set(later))
+
+    def verify_images(self, progress: bool = True) -> dict[str, str]:
+        """Decode every photo of every split once (parallel, verdicts cached) before any training.
+
+        Bad files are all listed at once in ``bad_images.tsv`` (run dir); without ``skip_bad_images``
+        that is an error naming them, with it they leave the splits. Returns ``{path: reason}``.
+        """
+        data = self.discover()
+        if self._verified:
+            return self.skipped
+        draft = self.preprocessing.resize_size if self.preprocessing is not None else None
+        paths = [path for samples in data.splits.values() for path, _ in samples]
+        cache = self.cache_dir / "verified" if self.cache_dir is not None else None
+        bad = find_bad_images(paths, draft, cache, progress=progress and rank_zero_only.rank == 0)
+        if bad:
+            if self.bad_images_log is not None and rank_zero_only.rank == 0:
+                self.bad_images_log.parent.mkdir(parents=True, exist_ok=True)
+                lines = [f"{path}\t{reason}\n" for path, reason in sorted(bad.items())]
+                self.bad_images_log.write_text("".join(lines))
+            if not self.skip_bad_images:
+                raise BadImagesError(describe_bad_images(bad, f"data.root={self.root}", self.bad_images_log))
+            for split, samples in data.splits.items():
+                data.splits[split] = [s for s in samples if s[0] not in bad]
+                before = {label for _, label in samples}
+                after = {label for _, label in data.splits[split]}
+                emptied = [data.classes[i] for i in sorted(before - after)]
+                if emptied:
+                    raise BadImagesError(
+                        f"after leaving out {len(bad)} bad image(s) (data.skip_bad_images=true), the {split} "
+                        f"split has no images of {', '.join(emptied)}; see {self.bad_images_log}"
+                    )
+            log.warning(
+                "left out %d image(s) that cannot be decoded (data.skip_bad_images=true), listed in %s",
+                len(bad),
+                self.bad_images_log,
+            )
+        self.skipped = bad
+        self._verified = True
+        return bad
 
     # ---- datasets --------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
         if self.preprocessing is None:
             raise RuntimeError("FoodDataModule.preprocessing must be set from the model before setup()")
+        self.verify_images()
         self.datasets = {split: self.image_dataset(split, augmented=split == "train") for split in SPLITS}
 
     def image_dataset(
@@ -182,18 +230,26 @@ class FoodDataModule(L.LightningDataModule):
 
     # ---- loaders ---------------------------------------------------------------------------
     def loader(self, dataset: Dataset, shuffle: bool, batch_size: int | None = None) -> DataLoader:
+        """Shuffled loaders draw each epoch's order from (seed, epoch) (:class:`EpochShuffleSampler`), so a
+        resumed run sees the batches the uninterrupted run saw; under DDP Lightning's DistributedSampler
+        does the same (seeded, ``set_epoch``)."""
+        distributed = self.trainer is not None and self.trainer.world_size > 1
+        sampler = EpochShuffleSampler(len(dataset), self.seed) if shuffle and not distributed else None
+        options: dict[str, Any] = {
+            "batch_size": batch_size or self.batch_size,
+            "shuffle": shuffle if sampler is None else None,
+            "sampler": sampler,
+        }
         if not isinstance(dataset, ImageListDataset):  # cached features: in memory, no workers needed
-            return DataLoader(dataset, batch_size=batch_size or self.batch_size, shuffle=shuffle)
+            return DataLoader(dataset, **options)
         workers = self.num_workers
         return DataLoader(
             dataset,
-            batch_size=batch_size or self.batch_size,
-            shuffle=shuffle,
+            **options,
             num_workers=workers,
             persistent_workers=self.persistent_workers and workers > 0,
             pin_memory=self.pin_memory,
             collate_fn=collate_skipping_none,
-            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
         )
 
     def _split_loader(self, split: str) -> DataLoader:

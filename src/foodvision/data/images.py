@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -52,16 +53,34 @@ def load_rgb(path: str | Path, draft_size: tuple[int, int] | None = None) -> Ima
     """Decode ``path`` fully into an RGB image (EXIF rotation applied).
 
     ``draft_size`` lets JPEG decoding skip resolution it does not need: the decoder scales by
-    1/2, 1/4 or 1/8 while keeping both sides at least as large as requested.
+    1/2, 1/4 or 1/8 while keeping both sides at least as large as requested. An image with more pixels
+    than ``PIL.Image.MAX_IMAGE_PIXELS`` (a decompression bomb, or a scan far larger than any photo) is a
+    bad file, unless it is a JPEG that draft mode decodes within the limit.
     """
     try:
-        with Image.open(path) as image:
-            if draft_size is not None and image.format == "JPEG":
-                image.draft("RGB", draft_size)
-            image.load()
-            image = ImageOps.exif_transpose(image)
-            return to_rgb(image)
+        with warnings.catch_warnings():
+            # Over MAX_IMAGE_PIXELS PIL only warns (it raises over twice that): decided below instead.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                if draft_size is not None and image.format == "JPEG":
+                    image.draft("RGB", draft_size)
+                _check_pixels(image)
+                image.load()
+                image = ImageOps.exif_transpose(image)
+                return to_rgb(image)
     except FileNotFoundError:
         raise
+    except Image.DecompressionBombError as error:
+        raise BadImageError(path, f"too large: {error}") from error
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
         raise BadImageError(path, f"{type(error).__name__}: {error}") from error
+
+
+def _check_pixels(image: Image.Image) -> None:
+    limit = Image.MAX_IMAGE_PIXELS
+    width, height = image.size
+    if limit and width * height > limit:
+        raise Image.DecompressionBombError(
+            f"{width}x{height} = {width * height} pixels, over the limit of {limit} "
+            "(PIL.Image.MAX_IMAGE_PIXELS; could be a decompression bomb)"
+        )
