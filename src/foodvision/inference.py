@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import time
 import warnings
 import zipfile
@@ -131,26 +132,41 @@ def run_dir_of(model_path: str | Path) -> Path:
     return path.parent.parent if path.parent.name in ("checkpoints", "export") else path.parent
 
 
+def _load_failure_reason(path: Path, error: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` refused ``path``: empty, truncated, foreign pickle, or not a
+    checkpoint at all. Never suggests ``weights_only=False``: foodvision does not unpickle files."""
+    size = path.stat().st_size
+    if size == 0:
+        return "the file is empty (0 bytes): a save was interrupted or the copy failed"
+    with path.open("rb") as handle:
+        head = handle.read(4)
+    text = str(error)
+    if head == b"PK\x03\x04" and not zipfile.is_zipfile(path):
+        return (
+            f"the file is truncated or damaged ({size} bytes, its zip directory is missing): a save was "
+            "interrupted or the copy is incomplete. Use another checkpoint of the run (last.ckpt, best-*.ckpt)"
+        )
+    if head != b"PK\x03\x04" and not head.startswith(b"\x80"):  # neither torch.save's zip nor legacy pickle
+        return f"it is not a PyTorch checkpoint (those are zip archives written by torch.save; it starts with {head!r})"
+    match = re.search(r"unsupported global:?\s*(?:GLOBAL\s+)?([\w.]+)", text, re.IGNORECASE)
+    if match or "weights only load failed" in text.lower():
+        found = f" (e.g. {match.group(1)})" if match else ""
+        return (
+            f"it contains pickled Python objects{found}; foodvision loads only tensors and plain values and "
+            "never unpickles code, so this file was not written by foodvision's training and will not be "
+            "loaded"
+        )
+    first = text.strip().splitlines()[0][:200] if text.strip() else ""
+    return f"it is not a readable PyTorch checkpoint ({type(error).__name__}{': ' + first if first else ''})"
+
+
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """``torch.load(weights_only=True)`` with errors that say why a file is not a usable checkpoint."""
     path = require_file(path)
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - torch raises many types for foreign files
-        text = str(error)
-        if "Unsupported global" in text:
-            reason = (
-                "it contains pickled Python objects, and foodvision only loads plain tensors and values "
-                "(torch.load(weights_only=True)); it was not written by foodvision's training"
-            )
-        else:
-            detail = (
-                ""
-                if "Weights only load failed" in text
-                else f" ({type(error).__name__}: {text.splitlines()[0][:200]})"
-            )
-            reason = f"it is not a PyTorch checkpoint{detail}"
-        raise ModelLoadError(f"cannot load {path}: {reason}") from error
+        raise ModelLoadError(f"cannot load {path}: {_load_failure_reason(path, error)}") from None
     if not isinstance(checkpoint, dict) or "foodvision" not in checkpoint:
         keys = (
             ", ".join(sorted(map(str, checkpoint))[:8])

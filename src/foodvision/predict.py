@@ -23,6 +23,7 @@ import hydra
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from foodvision.cli import CONFIG_DIR, EXPECTED_ERRORS, required
+from foodvision.config_check import ConfigError
 from foodvision.data.images import IMAGE_EXTENSIONS, is_image_file
 from foodvision.inference import Predictor, Stream, ToolError, check_batch_size, stream_files
 
@@ -224,6 +225,9 @@ def predict(cfg: DictConfig) -> tuple[int, list[dict[str, Any]], list[tuple[str,
     raw = OmegaConf.to_container(raw) if isinstance(raw, ListConfig) else raw
     if raw in (None, "", []):
         raise ToolError("inputs is required, e.g. inputs=[photo.jpg,folder/,'photos/*.png']")
+    top_k = cfg.get("top_k", 3)
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
+        raise ConfigError(f"top_k={top_k!r} (must be an integer >= 1: how many classes to list per photo)")
     output = Path(cfg.output) if cfg.get("output") else None
     if output is not None and output.suffix.lower() not in (".csv", ".json"):
         raise ToolError(f"output must end in .csv or .json, got {output}")

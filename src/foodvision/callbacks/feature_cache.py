@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from torch.utils.data import Dataset, TensorDataset
 from tqdm.auto import tqdm
 
 from foodvision.callbacks.finetune import TwoStageFinetuning
+from foodvision.data.verify import image_list_digest
 from foodvision.engine import ChunkedForward, onnxruntime_or_none, resolve_engine, torch_max_batch
 
 log = logging.getLogger(__name__)
@@ -49,14 +49,6 @@ def in_prefix(depth: int) -> Callable[[str], bool]:
     """Parameter names of the stem and the first ``depth`` blocks (see ``ImageClassifier.forward_prefix``)."""
     blocks = tuple(f"blocks.{i}." for i in range(depth))
     return lambda name: name.startswith(("conv_stem.", "bn1.", *blocks))
-
-def image_list_digest(paths: list[str]) -> str:
-    """sha256 of the files' paths, sizes and modification times (a changed photo rebuilds the cache)."""
-    digest = hashlib.sha256()
-    for path in paths:
-        stat = os.stat(path)
-        digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()
 
 
 def feature_cache_key(
