@@ -449,6 +449,8 @@ class Predictor:
             per_image = graph_bytes_per_image(self.path.read_bytes())
         elif self.format == "checkpoint":
             per_image = module_bytes_per_image(self.model, torch.zeros(1, 3, size, size, device=self.device))
+            if per_image and self.precision == "bf16":
+                per_image //= 2  # activations in bf16 under autocast
         else:
             per_image = None  # TorchScript: no estimate, the fixed fallback
         return batch_for_memory(per_image, self.max_memory_mb)

@@ -78,6 +78,7 @@ def frozen_forward(
     forward_context: Any,
     depth: int | None,
     requested: str = "onnxruntime",
+    precision: str = "32",
 ) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]:
     """images -> (pooled features, prefix maps or None) of the frozen backbone in eval mode, run by
     ``engine`` (``torch`` under the trainer's precision, or ``onnxruntime`` in float32; where ONNX Runtime
@@ -115,7 +116,7 @@ def frozen_forward(
     size = pl_module.preprocessing.image_size
     chunked = ChunkedForward(
         lambda images: tuple(t for t in run_torch(images) if t is not None),
-        torch_max_batch(PooledAndPrefix(net, depth), size),
+        torch_max_batch(PooledAndPrefix(net, depth), size, precision=precision),
     )
 
     def run_torch_chunked(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -342,7 +343,12 @@ class FeatureCache(Callback):
             loader = datamodule.loader(dataset, shuffle=False, batch_size=datamodule.eval_batch_size)
             if self._runner is None:
                 self._runner = frozen_forward(
-                    pl_module, engine, trainer.precision_plugin.forward_context, self.depth, self.engine
+                    pl_module,
+                    engine,
+                    trainer.precision_plugin.forward_context,
+                    self.depth,
+                    self.engine,
+                    str(trainer.precision),
                 )
             features, labels, maps = extract_features(
                 pl_module,

@@ -60,9 +60,8 @@ class InferenceEngine(Callback):
         if pl_module.image_runner is None:
             self.used = "torch"
             if pl_module.device.type == "cpu":  # the same memory bound for PyTorch on a CPU (bf16 there)
-                pl_module.image_runner = ChunkedForward(
-                    torch_forward(pl_module), torch_max_batch(pl_module.net, size, self.max_memory_mb)
-                )
+                max_batch = torch_max_batch(pl_module.net, size, self.max_memory_mb, str(trainer.precision))
+                pl_module.image_runner = ChunkedForward(torch_forward(pl_module), max_batch)
             return
         log.info(
             "testing with ONNX Runtime (float32): the network as of now, exported in memory; up to %d images "
