@@ -629,8 +629,12 @@ class FrozenEpoch:
 
     def fit(self, inputs: torch.Tensor, labels: torch.Tensor, unfreeze: str | None) -> dict[str, float]:
         """One epoch of foodvision's training step on cached tensors (``FoodDataModule.loader``, Lightning)."""
+        from foodvision.data.cached import CachedInputs
+        from foodvision.models.classifier import POOLED, prefix_entry
+
+        entry = POOLED if unfreeze is None else prefix_entry(self.depth)  # what the cached tensors are
         loader = datamodule(self.cfg, self.batch).loader(
-            TensorDataset(inputs, labels), shuffle=True, batch_size=self.batch
+            CachedInputs(entry, [TensorDataset(inputs, labels)]), shuffle=True, batch_size=self.batch
         )
         if unfreeze is None:  # stage 1: the backbone stays frozen
             finetune = self.finetune(stage1_epochs=None, unfreeze="none")
@@ -690,7 +694,6 @@ class Stage2Epoch(FrozenEpoch):
         self.finetune = TwoStageFinetuning
         self.depth = self.module.net.prefix_depth(STAGE2_UNFREEZE)
         warm = self.extract(self.samples[: int(cfg["extract_batch"])], self.depth)  # warm-up
-        self.module.prefix_depth = self.depth
         self.fit(tile(warm["maps"], 2 * self.batch), tile(warm["labels"], 2 * self.batch), STAGE2_UNFREEZE)
         extracted = self.extract(self.samples, self.depth)
         self.extraction = {

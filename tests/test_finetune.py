@@ -14,12 +14,13 @@ from torch.utils.data import TensorDataset
 
 from foodvision.callbacks.feature_cache import (
     FeatureCache,
-    RandomViewDataset,
     extract_features,
     frozen_forward,
 )
 from foodvision.callbacks.finetune import TwoStageFinetuning, select_groups
+from foodvision.data.cached import CachedInputs
 from foodvision.data.datamodule import FoodDataModule
+from foodvision.models.classifier import POOLED, prefix_entry
 from foodvision.module import LitClassifier
 
 MODEL = {
@@ -294,9 +295,8 @@ def test_logits_from_cached_outputs_equal_full_model(
     images, targets = next(iter(loader))
     with torch.inference_mode(), context():
         full = module(images).float()
-        from_pooled = module(pooled).float()
-        module.prefix_depth = 5
-        from_maps = module(maps).float()
+        from_pooled = module(pooled, POOLED).float()
+        from_maps = module(maps, prefix_entry(5)).float()
     assert torch.equal(labels, targets)
     tolerance = 1e-2 if bf16 else (1e-4 if engine == "onnxruntime" else 1e-5)
     assert torch.allclose(full, from_pooled, atol=tolerance), (full - from_pooled).abs().max()
@@ -309,9 +309,13 @@ def test_stage2_trains_on_cached_prefix_maps_and_resume_hits_them(image_folder: 
     fit(make_module(dm), dm, tmp_path / "a", [TwoStageFinetuning(1, "blocks.5"), cache], epochs=2)
     built = sorted("-".join(Path(p).name.split("-")[:3]) for p in cache.builds)
     assert built == [  # one pass per split and view gives both outputs
-        "train-pooled-flip", "train-pooled-plain", "train-prefix5-flip", "train-prefix5-plain",
-        "val-pooled-plain", "val-prefix5-plain",
-    ]  # fmt: skip
+        "train-pooled-flip",
+        "train-pooled-plain",
+        "train-prefix5-flip",
+        "train-prefix5-plain",
+        "val-pooled-plain",
+        "val-prefix5-plain",
+    ]  # fmt: skip (make_module has no test-time flip: val needs no mirrored view)
 
     resumed_cache = FeatureCache("auto", str(tmp_path / "cache"), flip=True)
     last = str(tmp_path / "a" / "checkpoints" / "last.ckpt")
@@ -351,9 +355,9 @@ def test_mirrored_view_is_the_mirrored_photo_and_both_views_are_drawn(
         assert torch.allclose(module.net.backbone(images.flip(-1)), mirrored[: len(images)], atol=1e-5)
     assert not torch.allclose(plain, mirrored)
 
-    views = RandomViewDataset([TensorDataset(plain, labels), TensorDataset(mirrored, labels)])
+    views = CachedInputs(POOLED, [TensorDataset(plain, labels), TensorDataset(mirrored, labels)])
     torch.manual_seed(0)
-    drawn = {bool(torch.equal(views[0][0], mirrored[0])) for _ in range(40)}
+    drawn = {bool(torch.equal(views[0]["inputs"], mirrored[0])) for _ in range(40)}
     assert drawn == {False, True}
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning as L
@@ -19,7 +19,7 @@ from torchmetrics.classification import (
 
 from foodvision.data.balance import resolve_class_weights
 from foodvision.data.transforms import Preprocessing
-from foodvision.models.classifier import build_classifier
+from foodvision.models.classifier import IMAGES, build_classifier
 
 
 def summary_metrics(num_classes: int) -> torchmetrics.MetricCollection:
@@ -49,8 +49,9 @@ class LitClassifier(L.LightningModule):
     """Everything a run needs to rebuild the model is a plain hyperparameter (no pickled modules), so a
     checkpoint loads with ``torch.load(weights_only=True)`` and without the training config.
 
-    A 2-D input batch is taken as pooled backbone features (the feature cache) and only the head runs; a
-    4-D batch that is not RGB, while ``prefix_depth`` is set, as cached feature maps of the frozen blocks.
+    A batch says what it holds: an ``(images, targets)`` tuple, or a mapping with ``entry`` (``pooled`` or
+    ``prefixK``: cached outputs of the frozen backbone, see ``ImageClassifier.forward_entry``), ``inputs``,
+    ``targets`` and, for test-time flip in eval mode, ``mirrored``. Nothing is guessed from a tensor's shape.
     """
 
     def __init__(
@@ -87,17 +88,15 @@ class LitClassifier(L.LightningModule):
         if channels_last:
             self.net.to(memory_format=torch.channels_last)
         self.last_results: dict[str, dict[str, Any]] = {}
-        # Set by the feature cache while stage 2 trains on cached outputs of the first K blocks.
-        self.prefix_depth: int | None = None
         # Set by the InferenceEngine callback while testing/predicting: image batch -> logits (ONNX Runtime).
         self.image_runner: Any = None
 
     # ---- forward -----------------------------------------------------------------------------
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        if inputs.ndim == 2:  # cached pooled features
-            return self.net.head(inputs)
-        if self.prefix_depth is not None and inputs.shape[1] != 3:  # cached frozen-prefix feature maps
-            return self.net.head(self.net.forward_suffix(inputs, self.prefix_depth))
+    def forward(
+        self, inputs: torch.Tensor, entry: str = IMAGES, mirrored: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if entry != IMAGES:  # cached backbone outputs
+            return self.net.forward_entry(inputs, entry, mirrored)
         if self.image_runner is not None and not self.training:
             return self.image_runner(inputs).to(inputs.device)
         if self.hparams.channels_last:
@@ -107,8 +106,12 @@ class LitClassifier(L.LightningModule):
     def _step(self, batch: Any, stage: str) -> torch.Tensor | None:
         if batch is None:  # every sample of the batch was an unreadable file (data.skip_bad_images)
             return None
-        inputs, targets = batch
-        logits = self(inputs)
+        if isinstance(batch, Mapping):
+            targets = batch["targets"]
+            logits = self(batch["inputs"], batch["entry"], batch.get("mirrored"))
+        else:
+            inputs, targets = batch
+            logits = self(inputs)
         if stage == "train":  # label smoothing and class weights shape the training loss only
             loss = nn.functional.cross_entropy(
                 logits, targets, weight=self.loss_weights, label_smoothing=self.hparams.label_smoothing
@@ -129,10 +132,6 @@ class LitClassifier(L.LightningModule):
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
         self._step(batch, "test")
-
-    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
-        return self(inputs).float().softmax(dim=1)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """What inference needs without the training config: classes, preprocessing, architecture."""

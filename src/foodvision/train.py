@@ -216,6 +216,9 @@ def train(cfg: DictConfig) -> tuple[float | None, dict[str, Any]]:
     metrics.update(
         {k: v for k, v in module.last_results.get("val", {}).items() if not isinstance(v, (dict, list))}
     )
+    for key in ("train/loss", "val/loss"):  # the last epoch's (logged by Lightning, not in last_results)
+        if key in trainer.callback_metrics:
+            metrics[key] = float(trainer.callback_metrics[key])
     if cfg.get("test"):
         best = (
             getattr(trainer.checkpoint_callback, "best_model_path", "") if trainer.checkpoint_callback else ""

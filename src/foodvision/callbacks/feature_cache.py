@@ -21,12 +21,14 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
 
 from foodvision.callbacks.finetune import TwoStageFinetuning
+from foodvision.data.cached import CachedInputs
 from foodvision.data.verify import image_list_digest
 from foodvision.engine import ChunkedForward, onnxruntime_or_none, resolve_engine, torch_max_batch
+from foodvision.models.classifier import POOLED, prefix_entry
 
 log = logging.getLogger(__name__)
 
@@ -191,22 +193,6 @@ def extract_features(
     return pooled, labels, maps
 
 
-class RandomViewDataset(Dataset):
-    """Cached outputs of several views of the same images (e.g. plain and mirrored): a random view per
-    sample and epoch, drawn from torch's generator so a seeded run is reproducible."""
-
-    def __init__(self, views: list[TensorDataset]):
-        if len({len(v) for v in views}) != 1:
-            raise ValueError("every view needs the same samples")
-        self.views = views
-
-    def __len__(self) -> int:
-        return len(self.views[0])
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
-        return self.views[int(torch.randint(len(self.views), ()))][index]
-
-
 class FeatureCache(Callback):
     """Frozen parts of the backbone run once per split, not once per epoch; see the module docstring.
 
@@ -247,7 +233,8 @@ class FeatureCache(Callback):
         self.depth: int | None = None
         self.hits: list[str] = []
         self.builds: list[str] = []
-        self._prefix_maps: dict[str, list[TensorDataset]] = {}
+        self._prefix_maps: dict[str, dict[str, TensorDataset]] = {}  # split -> view -> cached maps
+        self._reload_setting: int | None = None  # the trainer's own, while a loader reload is pending
 
     def _finetune(self, trainer: L.Trainer) -> TwoStageFinetuning | None:
         return next((c for c in trainer.callbacks if isinstance(c, TwoStageFinetuning)), None)
@@ -277,35 +264,46 @@ class FeatureCache(Callback):
                 )
                 return
             for split in ("train", "val"):
-                datamodule.cached_features[split] = self.load_or_build(trainer, pl_module, split, "pooled")
+                datamodule.use_cached(split, self.load_or_build(trainer, pl_module, split, POOLED))
             self.mode = "pooled"
         elif self.depth is not None:  # resumed in stage 2
             self._use_prefix_maps(trainer, pl_module)
         self._runner = None  # the exported backbone snapshot is not needed after the caches are built
 
     def _use_prefix_maps(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        datamodule = trainer.datamodule
+        assert self.depth is not None
+        entry = prefix_entry(self.depth)
         for split in ("train", "val"):
-            views = self._prefix_maps.pop(split, None)
-            if views:
-                datamodule.cached_features[split] = views[0] if len(views) == 1 else RandomViewDataset(views)
-            else:
-                datamodule.cached_features[split] = self.load_or_build(
-                    trainer, pl_module, split, f"prefix{self.depth}"
-                )
-        pl_module.prefix_depth = self.depth
+            maps = self._prefix_maps.pop(split, None)  # stored while the pooled features were built
+            trainer.datamodule.use_cached(
+                split,
+                self._assemble(split, entry, maps)
+                if maps is not None and set(maps) == set(self._view_names(split, pl_module))
+                else self.load_or_build(trainer, pl_module, split, entry),
+            )
         self.mode = "prefix"
+
+    def _view_names(self, split: str, pl_module: L.LightningModule) -> list[str]:
+        """``plain`` (the photos); for train also ``flip`` (with ``flip``) and ``augmentK`` (``views``); for
+        val ``flip`` too when the model averages each photo with its mirror image (test-time flip)."""
+        if split == "train":
+            return ["plain"] + (["flip"] if self.flip else []) + [f"augment{k}" for k in range(self.views)]
+        return ["plain"] + (["flip"] if getattr(pl_module.net, "test_time_flip", False) else [])
+
+    def _assemble(self, split: str, entry: str, sets: dict[str, TensorDataset]) -> CachedInputs:
+        if split == "train":  # each epoch draws one view per sample
+            return CachedInputs(entry, [sets[v] for v in sets])
+        return CachedInputs(entry, [sets["plain"]], mirrored=sets.get("flip"))
 
     def load_or_build(
         self, trainer: L.Trainer, pl_module: L.LightningModule, split: str, output: str
-    ) -> Dataset:
-        """``output`` is ``pooled`` or ``prefixK``. The train split is cached once per view (the photos; with
-        ``flip`` their mirror images; ``views`` augmented views) and each epoch draws one view per sample."""
-        views = ["plain"]
-        if split == "train":
-            views += (["flip"] if self.flip else []) + [f"augment{k}" for k in range(self.views)]
-        sets = [self._load_or_build_view(trainer, pl_module, split, output, view) for view in views]
-        return sets[0] if len(sets) == 1 else RandomViewDataset(sets)
+    ) -> CachedInputs:
+        """``output`` is ``pooled`` or ``prefixK`` (the model entry point the cached tensors feed). The
+        train split is cached once per view (see :meth:`_view_names`) and each epoch draws one view per
+        sample; val gets its mirrored view for test-time flip."""
+        views = self._view_names(split, pl_module)
+        sets = {view: self._load_or_build_view(trainer, pl_module, split, output, view) for view in views}
+        return self._assemble(split, output, sets)
 
     def _load_or_build_view(
         self, trainer: L.Trainer, pl_module: L.LightningModule, split: str, output: str, view: str
@@ -329,7 +327,7 @@ class FeatureCache(Callback):
         prefix_path = None
         if self.depth is not None:
             prefix_path = cache_path(f"prefix{self.depth}", state_digest(backbone, in_prefix(self.depth)))
-        wanted = pooled_path if output == "pooled" else prefix_path
+        wanted = pooled_path if output == POOLED else prefix_path
         assert wanted is not None
         built: dict[str, TensorDataset] = {}  # this process's fresh tensors: not loaded a second time
         if trainer.is_global_zero and not wanted.is_file():
@@ -370,7 +368,7 @@ class FeatureCache(Callback):
         trainer.strategy.barrier("feature-cache")
         if output == "pooled" and prefix_path is not None and prefix_path.is_file():
             maps = built.pop("prefix", None)
-            self._prefix_maps.setdefault(split, []).append(maps if maps is not None else _load(prefix_path))
+            self._prefix_maps.setdefault(split, {})[view] = maps if maps is not None else _load(prefix_path)
         fresh = built.get("pooled" if output == "pooled" else "prefix")
         return fresh if fresh is not None else _load(wanted)
 
@@ -387,20 +385,29 @@ class FeatureCache(Callback):
         finetune = self._finetune(trainer)
         if self.mode != "pooled" or finetune is None or finetune.stage_at(trainer.current_epoch + 1) == 1:
             return
-        trainer.datamodule.cached_features.clear()
+        for split in ("train", "val"):
+            trainer.datamodule.use_cached(split, None)
         self.mode = None
         if self.depth is not None:
             self._use_prefix_maps(trainer, pl_module)
             log.info("stage 2 next: training continues on cached blocks.0-%d feature maps", self.depth - 1)
         else:
             log.info("stage 2 next: training continues on images")
-        request_dataloader_reload(trainer)
+        # Lightning rebuilds loaders only every `reload_dataloaders_every_n_epochs`; the switch happens once,
+        # at an epoch known at run time: reload at the next epoch, then restore the trainer's own setting.
+        self._reload_setting = trainer.reload_dataloaders_every_n_epochs
+        trainer.reload_dataloaders_every_n_epochs = 1
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._reload_setting is not None and not trainer.sanity_checking:  # both loaders were rebuilt
+            trainer.reload_dataloaders_every_n_epochs = self._reload_setting
+            self._reload_setting = None
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Testing and prediction run on images again."""
         if trainer.datamodule is not None:
-            trainer.datamodule.cached_features.clear()
-        pl_module.prefix_depth = None
+            for split in ("train", "val"):
+                trainer.datamodule.use_cached(split, None)
         self._prefix_maps.clear()
         self.mode = None
 
@@ -408,13 +415,3 @@ class FeatureCache(Callback):
 def _load(path: Path) -> TensorDataset:
     stored = torch.load(path, map_location="cpu", weights_only=True)
     return TensorDataset(stored["features"], stored["labels"])
-
-
-def request_dataloader_reload(trainer: L.Trainer) -> None:
-    """Make the fit loop rebuild its train and val loaders before the next epoch.
-
-    Lightning only offers a fixed period (``reload_dataloaders_every_n_epochs``); the stage switch
-    happens once, at an epoch known only at run time, so the loops' cached loaders are dropped.
-    """
-    trainer.fit_loop._combined_loader = None
-    trainer.fit_loop.epoch_loop.val_loop._combined_loader = None

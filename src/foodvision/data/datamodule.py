@@ -14,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset
 
 from foodvision.data.balance import balance_samples, check_balance_mode, class_counts
+from foodvision.data.cached import CachedInputs
 from foodvision.data.datasets import ImageListDataset, collate_skipping_none, read_bad_images_log
 from foodvision.data.sampling import EpochShuffleSampler
 from foodvision.data.sources import DataLayoutError, DatasetSplits, discover_food101, discover_image_folder
@@ -104,8 +105,8 @@ class FoodDataModule(L.LightningDataModule):
         self.preprocessing: Preprocessing | None = None
         self.data: DatasetSplits | None = None
         self.datasets: dict[str, Dataset] = {}
-        # Split name -> (features, labels): set by the feature-cache callback while the backbone is frozen.
-        self.cached_features: dict[str, Dataset] = {}
+        # Split name -> cached backbone outputs that replace its images (see use_cached).
+        self._cached: dict[str, CachedInputs] = {}
 
     # ---- discovery -------------------------------------------------------------------------
     def discover(self) -> DatasetSplits:
@@ -229,6 +230,19 @@ class FoodDataModule(L.LightningDataModule):
         return self.augment.get("name", "none") != "none"
 
     # ---- loaders ---------------------------------------------------------------------------
+    def use_cached(self, split: str, inputs: CachedInputs | None) -> None:
+        """Serve ``split`` (train or val) from cached backbone outputs from now on (``None``: its images
+        again). Loaders built after this call use it; the feature cache asks the trainer to rebuild them."""
+        if split not in ("train", "val"):
+            raise ValueError(f"only the train and val splits are served from a cache, not {split!r}")
+        if inputs is None:
+            self._cached.pop(split, None)
+        else:
+            self._cached[split] = inputs
+
+    def serves_cached(self, split: str) -> bool:
+        return split in self._cached
+
     def loader(self, dataset: Dataset, shuffle: bool, batch_size: int | None = None) -> DataLoader:
         """Shuffled loaders draw each epoch's order from (seed, epoch) (:class:`EpochShuffleSampler`), so a
         resumed run sees the batches the uninterrupted run saw; under DDP Lightning's DistributedSampler
@@ -240,7 +254,9 @@ class FoodDataModule(L.LightningDataModule):
             "shuffle": shuffle if sampler is None else None,
             "sampler": sampler,
         }
-        if not isinstance(dataset, ImageListDataset):  # cached features: in memory, no workers needed
+        if isinstance(dataset, CachedInputs):  # in memory: no workers needed
+            return DataLoader(dataset, collate_fn=dataset.collate, **options)
+        if not isinstance(dataset, ImageListDataset):
             return DataLoader(dataset, **options)
         workers = self.num_workers
         return DataLoader(
@@ -253,10 +269,7 @@ class FoodDataModule(L.LightningDataModule):
         )
 
     def _split_loader(self, split: str) -> DataLoader:
-        if split in self.cached_features:
-            dataset: Dataset = self.cached_features[split]
-        else:
-            dataset = self.datasets[split]
+        dataset: Dataset = self._cached[split] if split in self._cached else self.datasets[split]
         train = split == "train"
         return self.loader(dataset, shuffle=train, batch_size=None if train else self.eval_batch_size)
 
@@ -268,6 +281,3 @@ class FoodDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self.loader(self.datasets["test"], shuffle=False, batch_size=self.eval_batch_size)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self.test_dataloader()

@@ -40,6 +40,25 @@ class BlockGroup:
     parameter_names: tuple[str, ...]
 
 
+IMAGES = "images"  # entry points of ImageClassifier.forward_entry
+POOLED = "pooled"
+
+
+def prefix_entry(depth: int) -> str:
+    """The entry name of the feature maps after the stem and the first ``depth`` blocks."""
+    return f"prefix{depth}"
+
+
+def prefix_entry_depth(entry: str) -> int | None:
+    """``pooled`` -> None, ``prefixK`` -> K; anything else is an error naming the known entries."""
+    if entry == POOLED:
+        return None
+    match = re.fullmatch(r"prefix(\d+)", entry)
+    if match is None:
+        raise ValueError(f"unknown model entry point {entry!r}: expected images, pooled or prefixK")
+    return int(match.group(1))
+
+
 class ImageClassifier(nn.Module):
     """``head(backbone(images))``. The backbone's pooled output is what the feature cache stores.
 
@@ -60,6 +79,37 @@ class ImageClassifier(nn.Module):
         if self.test_time_flip and not self.training:
             logits = (logits + self.head(self.backbone(images.flip(-1)))) / 2
         return logits
+
+    def forward_head(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Logits from the backbone's pooled features (timm's name for this entry point)."""
+        return self.head(pooled)
+
+    def forward_entry(
+        self, inputs: torch.Tensor, entry: str = IMAGES, mirrored: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Logits from an explicit entry point: ``images``, ``pooled`` features, or ``prefixK`` feature maps
+        (the output of the stem and ``blocks.0 .. blocks.K-1``, see :meth:`forward_prefix`).
+
+        Test-time flip applies to every entry in eval mode: for cached entries, ``mirrored`` is the same
+        entry computed from the mirrored photos, so validation on cached features measures the function
+        that testing on images measures.
+        """
+        if entry == IMAGES:
+            return self(inputs)
+        depth = prefix_entry_depth(entry)
+
+        def logits(x: torch.Tensor) -> torch.Tensor:
+            return self.head(x if depth is None else self.forward_suffix(x, depth))
+
+        result = logits(inputs)
+        if self.test_time_flip and not self.training:
+            if mirrored is None:
+                raise ValueError(
+                    f"test_time_flip is on but the {entry!r} batch has no mirrored view: evaluating without it "
+                    "would measure another function than testing on images"
+                )
+            result = (result + logits(mirrored)) / 2
+        return result
 
     def prefix_depth(self, first_trainable_group: str) -> int | None:
         """How many of ``backbone.blocks`` come before ``first_trainable_group`` (``blocks.K`` -> K), when the
