@@ -952,7 +952,7 @@ class Memory:
         splits = self.data.splits
         train_photos = sum(len(splits[s]) for s in ("train", "val", "test"))
         plain = [python, str(ROOT / "bench" / "plain_memory.py")]
-        ckpt = cfg.get("ckpt")
+        ckpt = str(cfg["ckpt"]) if cfg.get("ckpt") else None
         if not cfg.get("memory_skip_train"):
             logs = self.scratch / "logs"
             args = [*cfg.get("memory_train_args", []), *self.data_args(), f"paths.log_dir={logs}"]
