@@ -208,10 +208,13 @@ def gradcam_overlays(checkpoint: Path, samples: Sequence[Mapping[str, Any]]) -> 
         kept.append(sample)
     if not kept:
         return []
-    batch = torch.stack(images)
-    targets = [ClassifierOutputTarget(names.index(s["predicted"])) for s in kept]
+    # One photo at a time: a backward pass keeps every activation, so a batch of 12 at 256 px took eval's
+    # peak memory from 1.4 to 3 GiB; one at a time it stays within the inference budget.
     with GradCAM(model=network, target_layers=[layer]) as cam:
-        maps = cam(input_tensor=batch, targets=targets)
+        maps = [
+            cam(input_tensor=image[None], targets=[ClassifierOutputTarget(names.index(s["predicted"]))])[0]
+            for image, s in zip(images, kept, strict=True)
+        ]
     mean = torch.tensor(pre.mean).view(3, 1, 1)
     std = torch.tensor(pre.std).view(3, 1, 1)
     display = max(160, pre.image_size)
