@@ -18,12 +18,11 @@ def epoch_seed(seed: int, epoch: int) -> int:
 class EpochSeed(Callback):
     """Reseeds Python, NumPy and torch at the start of every training epoch.
 
-    ``seed_everything`` seeds a run once; after that, epoch N's shuffle order, dropout masks and
-    cached-view draws depend on everything drawn before it (including how many batches feature caching
-    or the sanity check consumed). A run resumed from ``last.ckpt`` would then train on other batches
-    than the uninterrupted run. Reseeding from ``(seed, epoch)`` makes each epoch's randomness a function
-    of the epoch alone, so a resumed run ends with the same weights, and a cold and a warm feature cache
-    give the same run.
+    ``seed_everything`` seeds a run once; after that, epoch N's dropout masks and cached-view draws depend
+    on everything drawn before it (how many batches feature caching or the sanity check consumed, whether
+    the run was resumed). Reseeding from ``(seed, epoch)`` makes them a function of the epoch alone (the
+    shuffle order has its own generator: ``EpochShuffleSampler``), so a run resumed from ``last.ckpt`` ends
+    with the uninterrupted run's weights, and a cold and a warm feature cache give the same run.
     """
 
     def __init__(self, seed: int = 42):
