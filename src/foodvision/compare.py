@@ -29,10 +29,10 @@ from foodvision.inference import (
     measure_throughput,
     resolve_precision,
 )
+from foodvision.sweep import FAILED_FILE  # written by failing multirun trials
 
 log = logging.getLogger(__name__)
 
-FAILED_FILE = "failed.json"
 RUN_MARKERS = ("config.yaml", "metrics.json", "checkpoints", ".hydra", "train.log", FAILED_FILE)
 SKIP_DIRS = {"checkpoints", ".hydra", "export", "__pycache__"}
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 
 def cpu_has_native_bf16() -> bool:
     """True where the CPU has bf16 instructions (AVX512_BF16 or AMX).
@@ -16,3 +18,14 @@ def cpu_has_native_bf16() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def auto_precision(device_type: str) -> str:
+    """What ``precision=auto`` means on this hardware, in Lightning's words; the one place that decides it
+    (training and the inference tools only translate it to their own vocabulary).
+
+    bf16-mixed on GPUs with bf16 and on CPUs with bf16 instructions; 16-mixed on older GPUs; else 32-true.
+    """
+    if device_type == "cuda":
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    return "bf16-mixed" if cpu_has_native_bf16() else "32-true"

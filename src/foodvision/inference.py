@@ -41,7 +41,7 @@ from foodvision.engine import (
     run_in_chunks,
     session_options,
 )
-from foodvision.hardware import cpu_has_native_bf16
+from foodvision.hardware import auto_precision
 
 log = logging.getLogger(__name__)
 
@@ -328,9 +328,7 @@ def resolve_precision(precision: Any, device: torch.device) -> str:
         return "bf16"
     if value != "auto":
         raise ToolError(f"precision must be auto, 32 or bf16, got {precision!r}")
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "32"
-    return "bf16" if cpu_has_native_bf16() else "32"
+    return "bf16" if auto_precision(device.type) == "bf16-mixed" else "32"  # float16 autocast: not here
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:

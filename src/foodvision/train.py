@@ -24,7 +24,7 @@ from foodvision.cli import EXPECTED_ERRORS
 from foodvision.config_check import ConfigError, check_train_config
 from foodvision.data.datamodule import FoodDataModule
 from foodvision.data.sources import default_food101_root
-from foodvision.hardware import cpu_has_native_bf16
+from foodvision.hardware import auto_precision
 from foodvision.inference import ModelLoadError, read_checkpoint
 from foodvision.module import LitClassifier
 from foodvision.sweep import run_trial
@@ -38,12 +38,11 @@ CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 
 def resolve_precision(precision: Any, accelerator: str) -> Any:
-    """``auto``: bf16-mixed where it is fast (GPUs with bf16, CPUs with bf16 instructions), else a safe default."""
+    """``auto``: :func:`foodvision.hardware.auto_precision` for the device the trainer will use."""
     if precision != "auto":
         return precision
-    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
-        return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "16-mixed"
-    return "bf16-mixed" if cpu_has_native_bf16() else "32-true"
+    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    return auto_precision("cuda" if on_gpu else "cpu")
 
 
 def resolve_data_root(cfg: DictConfig) -> None:
