@@ -29,10 +29,9 @@ from foodvision.data.images import load_rgb
 from foodvision.data.splits import SPLITS
 from foodvision.inference import (
     ClassMismatchError,
-    Predictor,
     Stream,
     ToolError,
-    check_batch_size,
+    predictor_from_config,
     run_dir_of,
     stream_files,
 )
@@ -292,15 +291,7 @@ def _f(value: float) -> str:
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate ``cfg.ckpt_path`` on ``cfg.data.split``; writes the eval dir and returns its metrics."""
     ckpt_path = required(cfg, "ckpt_path", "ckpt_path=lightning_logs/runs/<run>/checkpoints/last.ckpt")
-    predictor = Predictor(
-        ckpt_path,
-        cfg.get("device", "auto"),
-        cfg.get("precision", "auto"),
-        cfg.get("engine", "auto"),
-        max_memory_mb=cfg.get("max_memory_mb"),
-    )
-    batch_size = predictor.use_batch_size(check_batch_size(cfg.get("batch_size")))
-    log.info("model: %s; batches of %d images", predictor.describe(), batch_size)
+    predictor, batch_size = predictor_from_config(cfg, ckpt_path)
     run_dir = run_dir_of(predictor.path)
     split = normalise_split(cfg.data.get("split", "test"))
     data_args, origin = resolve_eval_data(cfg, run_dir)

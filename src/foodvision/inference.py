@@ -516,6 +516,21 @@ class Predictor:
             return self.model(images).float().cpu()
 
 
+def predictor_from_config(cfg: Any, ckpt_path: str | Path) -> tuple[Predictor, int]:
+    """A tool's model (``device``, ``precision``, ``engine``, ``max_memory_mb`` of its config) and the batch
+    size it reads images in (``batch_size``, else what the memory budget allows); logs what it runs."""
+    predictor = Predictor(
+        ckpt_path,
+        cfg.get("device", "auto"),
+        cfg.get("precision", "auto"),
+        cfg.get("engine", "auto"),
+        max_memory_mb=cfg.get("max_memory_mb"),
+    )
+    batch_size = predictor.use_batch_size(check_batch_size(cfg.get("batch_size")))
+    log.info("model: %s; batches of %d images", predictor.describe(), batch_size)
+    return predictor, batch_size
+
+
 # ---- batches of files ------------------------------------------------------------------------------------
 class ImageFiles(Dataset):
     """Files -> ``(index, tensor or None, error)`` with the model's eval transform; a file that cannot be

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from foodvision.cli import CONFIG_DIR, EXPECTED_ERRORS, required
 from foodvision.config_check import ConfigError
 from foodvision.data.images import IMAGE_EXTENSIONS, is_image_file
-from foodvision.inference import Predictor, Stream, ToolError, check_batch_size, stream_files
+from foodvision.inference import Stream, ToolError, predictor_from_config, stream_files
 
 log = logging.getLogger(__name__)
 
@@ -231,15 +231,7 @@ def predict(cfg: DictConfig) -> tuple[int, list[dict[str, Any]], list[tuple[str,
     output = Path(cfg.output) if cfg.get("output") else None
     if output is not None and output.suffix.lower() not in (".csv", ".json"):
         raise ToolError(f"output must end in .csv or .json, got {output}")
-    predictor = Predictor(
-        ckpt_path,
-        cfg.get("device", "auto"),
-        cfg.get("precision", "auto"),
-        cfg.get("engine", "auto"),
-        max_memory_mb=cfg.get("max_memory_mb"),
-    )
-    batch_size = predictor.use_batch_size(check_batch_size(cfg.get("batch_size")))
-    log.info("model: %s; batches of %d images", predictor.describe(), batch_size)
+    predictor, batch_size = predictor_from_config(cfg, ckpt_path)
     found = collect_inputs(raw)
     if found.ignored:
         log.info("ignored %d non-image file(s) in folders, e.g. %s", len(found.ignored), found.ignored[0])
