@@ -355,7 +355,7 @@ class FeatureCache(Callback):
                 f"caching {split} features" + ("" if view == "plain" else f" ({view})"),
                 flip=view == "flip",
             )
-            if output == "pooled":
+            if output == POOLED:
                 self._save(pooled_path, {"features": features, "labels": labels})
                 built["pooled"] = TensorDataset(features, labels)
             if maps is not None and prefix_path is not None:
@@ -366,10 +366,10 @@ class FeatureCache(Callback):
             self.hits.append(str(wanted))
             log.info("feature cache hit: %s", wanted)
         trainer.strategy.barrier("feature-cache")
-        if output == "pooled" and prefix_path is not None and prefix_path.is_file():
+        if output == POOLED and prefix_path is not None and prefix_path.is_file():
             maps = built.pop("prefix", None)
             self._prefix_maps.setdefault(split, {})[view] = maps if maps is not None else _load(prefix_path)
-        fresh = built.get("pooled" if output == "pooled" else "prefix")
+        fresh = built.get("pooled" if output == POOLED else "prefix")
         return fresh if fresh is not None else _load(wanted)
 
     def _save(self, path: Path, tensors: dict[str, torch.Tensor]) -> None:

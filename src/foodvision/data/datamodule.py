@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,13 +20,14 @@ from foodvision.data.sources import DataLayoutError, DatasetSplits, discover_foo
 from foodvision.data.splits import SPLITS, write_split_file
 from foodvision.data.transforms import Preprocessing, build_train_transform
 from foodvision.data.verify import BadImagesError, describe_bad_images, find_bad_images
+from foodvision.hardware import cpu_cores
 
 log = logging.getLogger(__name__)
 
 
 def default_num_workers() -> int:
     """Half the cores, at least one: on small machines decoding workers compete with the model's threads."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = cpu_cores()
     return max(1, min(8, cores // 2))
 
 

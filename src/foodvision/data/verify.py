@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from foodvision.data.images import BadImageError, load_rgb
 from foodvision.data.sources import DataLayoutError
+from foodvision.hardware import cpu_cores
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ class _Decode(Dataset):
 
 
 def default_verify_workers() -> int:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = cpu_cores()
     return max(1, min(16, cores))
 
 
