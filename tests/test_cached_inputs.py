@@ -49,8 +49,8 @@ def test_logged_val_equals_eval_on_images_with_test_time_flip(cached_run, tmp_pa
                 f"output_dir={tmp_path / ('eval-' + engine)}",
             )
         )  # fmt: skip
-        assert result["accuracy"] == pytest.approx(metrics["val/acc"], abs=1e-4)
-        assert result["loss"] == pytest.approx(metrics["val/loss"], abs=1e-4)
+        assert result["val/acc"] == pytest.approx(metrics["val/acc"], abs=1e-4)
+        assert result["val/loss"] == pytest.approx(metrics["val/loss"], abs=1e-4)
 
 
 def test_cold_and_warm_cache_give_the_same_run(cached_run) -> None:

@@ -68,10 +68,14 @@ def test_eval_writes_every_artifact_and_agrees_with_its_predictions(
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     assert json.loads((out / "metrics.json").read_text()) == metrics
 
-    # the run's own test accuracy (same images, same checkpoint, float32 both times)
+    # the training run's test after fitting (same images, same checkpoint, float32 both times): the same
+    # metrics, key for key
     trained = json.loads((tiny_run.run_dir / "metrics.json").read_text())
-    assert metrics["accuracy"] == pytest.approx(trained["test/acc"], abs=1e-6)
-    assert metrics["loss"] == pytest.approx(trained["test/loss"], abs=1e-4)
+    tested = {k: v for k, v in metrics.items() if k.startswith("test/")}
+    assert set(tested) >= {"test/acc", "test/acc_top5", "test/loss", "test/f1_macro", "test/recall_weighted"}
+    assert set(tested) == {k for k in trained if k.startswith("test/")}
+    for key, value in tested.items():
+        assert trained[key] == pytest.approx(value, abs=1e-4), key
 
     # hand computation from predictions.csv
     rows = read_csv(out / "predictions.csv")
@@ -80,7 +84,7 @@ def test_eval_writes_every_artifact_and_agrees_with_its_predictions(
     true = np.array([classes.index(r["true"]) for r in rows])
     pred = np.array([classes.index(r["predicted"]) for r in rows])
     assert all(Path(r["file"]).parent.name == r["true"] for r in rows)
-    assert metrics["accuracy"] == pytest.approx(float((true == pred).mean()))
+    assert metrics["test/acc"] == pytest.approx(float((true == pred).mean()))
     precision, recall, f1, support = [], [], [], []
     for c in range(len(classes)):
         tp = int(((pred == c) & (true == c)).sum())
@@ -92,13 +96,13 @@ def test_eval_writes_every_artifact_and_agrees_with_its_predictions(
         f1.append(2 * p * r / (p + r) if p + r else 0.0)
         support.append(actual)
     weights = np.array(support) / sum(support)
-    assert metrics["precision_macro"] == pytest.approx(np.mean(precision))
-    assert metrics["recall_macro"] == pytest.approx(np.mean(recall))
-    assert metrics["f1_macro"] == pytest.approx(np.mean(f1))
-    assert metrics["precision_weighted"] == pytest.approx(float(np.dot(precision, weights)))
-    assert metrics["recall_weighted"] == pytest.approx(float(np.dot(recall, weights)))
-    assert metrics["f1_weighted"] == pytest.approx(float(np.dot(f1, weights)))
-    assert 0.0 <= metrics["accuracy"] <= metrics["top5_accuracy"] <= 1.0  # 6 classes: top-5 reported
+    assert metrics["test/precision_macro"] == pytest.approx(np.mean(precision))
+    assert metrics["test/recall_macro"] == pytest.approx(np.mean(recall))
+    assert metrics["test/f1_macro"] == pytest.approx(np.mean(f1))
+    assert metrics["test/precision_weighted"] == pytest.approx(float(np.dot(precision, weights)))
+    assert metrics["test/recall_weighted"] == pytest.approx(float(np.dot(recall, weights)))
+    assert metrics["test/f1_weighted"] == pytest.approx(float(np.dot(f1, weights)))
+    assert 0.0 <= metrics["test/acc"] <= metrics["test/acc_top5"] <= 1.0  # 6 classes: top-5 reported
 
     per_class = read_csv(out / "per_class.csv")
     assert [r["class"] for r in per_class] == classes
@@ -222,8 +226,8 @@ def test_eval_with_torch_and_onnxruntime_engines_agree(tiny_run: TinyRun, tmp_pa
     by_torch = run_eval(tiny_run, tmp_path / "torch", "engine=torch", *common)
     by_ort = run_eval(tiny_run, tmp_path / "ort", "engine=onnxruntime", *common)
     assert (by_torch["engine"], by_ort["engine"]) == ("torch", "onnxruntime")
-    assert by_ort["accuracy"] == by_torch["accuracy"]
-    assert by_ort["loss"] == pytest.approx(by_torch["loss"], rel=1e-4, abs=1e-6)
+    assert by_ort["test/acc"] == by_torch["test/acc"]
+    assert by_ort["test/loss"] == pytest.approx(by_torch["test/loss"], rel=1e-4, abs=1e-6)
     rows_torch = read_csv(tmp_path / "torch" / "predictions.csv")
     rows_ort = read_csv(tmp_path / "ort" / "predictions.csv")
     assert [(r["file"], r["predicted"]) for r in rows_ort] == [

@@ -153,11 +153,11 @@ def reference_eval(tiny_run: TinyRun) -> tuple[dict[str, float], list[list[str]]
     scores = classification_metrics(confusion_matrix(true.numpy(), predicted.numpy(), len(names)))
     top5 = result.logits.topk(5, dim=1).indices
     metrics = {
-        "accuracy": scores["accuracy"],
-        "top5_accuracy": float((top5 == true[:, None]).any(dim=1).float().mean()),
-        "loss": float(F.cross_entropy(result.logits, true)),
-        "f1_macro": scores["f1_macro"],
-        "precision_weighted": scores["precision_weighted"],
+        "test/acc": scores["accuracy"],
+        "test/acc_top5": float((top5 == true[:, None]).any(dim=1).float().mean()),
+        "test/loss": float(F.cross_entropy(result.logits, true)),
+        "test/f1_macro": scores["f1_macro"],
+        "test/precision_weighted": scores["precision_weighted"],
     }
     rows = [
         [f, names[t], names[p], f"{c:.6f}"]
@@ -206,7 +206,7 @@ def test_eval_streams_the_metrics_of_all_logits_at_once_whatever_the_batch_size(
         assert len(wrong) == sum(1 for r in expected_rows if r[1] != r[2])
     first = outputs["null"]
     for metrics in outputs.values():
-        assert metrics["accuracy"] == first["accuracy"] and metrics["num_images"] == first["num_images"]
+        assert metrics["test/acc"] == first["test/acc"] and metrics["num_images"] == first["num_images"]
 
 
 # ---- predict -----------------------------------------------------------------------------------------------

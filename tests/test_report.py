@@ -103,20 +103,13 @@ def test_report_embeds_every_figure_names_every_class_and_repeats_the_metrics(
 
     # headline numbers: the exact values of metrics.json, shown rounded
     cards = {a["data-metric"]: (i, a) for i, a in page.find() if "data-metric" in a}
-    assert set(cards) == {
-        "accuracy",
-        "top5_accuracy",
-        "loss",
-        "precision_macro",
-        "recall_macro",
-        "f1_macro",
-        "f1_weighted",
-    }
+    names = ("acc", "acc_top5", "loss", "precision_macro", "recall_macro", "f1_macro", "f1_weighted")
+    assert set(cards) == {f"test/{name}" for name in names}
     for key, (index, attrs) in cards.items():
         assert float(attrs["data-value"]) == metrics[key]
         shown = page.inner(index)
         expected = (
-            f"{100 * metrics[key]:.2f} %" if key in ("accuracy", "top5_accuracy") else f"{metrics[key]:.4f}"
+            f"{100 * metrics[key]:.2f} %" if key in ("test/acc", "test/acc_top5") else f"{metrics[key]:.4f}"
         )
         assert shown == expected, key
 

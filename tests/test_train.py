@@ -42,10 +42,17 @@ def test_run_dir_has_checkpoint_events_config_and_metrics(
     run = tmp_path / "run"
     assert value == pytest.approx(metrics["val/acc"])
     saved = json.loads((run / "metrics.json").read_text())
-    for key in ("test/acc", "test/loss", "test/f1_macro", "per_class", "confusion_matrix"):
+    for key in ("test/acc", "test/loss", "test/f1_macro", "test_images", "best_checkpoint"):
         assert key in saved
-    assert set(saved["per_class"]) == {"apple_pie", "baklava", "bibimbap"}
-    assert sum(map(sum, saved["confusion_matrix"])) == 12  # 4 test images x 3 classes
+    # the test after fitting is eval.py's: its files, in eval-test/
+    tested = run / "eval-test"
+    assert saved["eval_dir"] == str(tested)
+    assert json.loads((tested / "metrics.json").read_text())["test/acc"] == saved["test/acc"]
+    per_class = (tested / "per_class.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in per_class[1:]] == ["apple_pie", "baklava", "bibimbap"]
+    assert saved["test_images"] == 12  # 4 test images x 3 classes
+    for name in ("confusion_matrix.png", "predictions.csv", "report.html"):
+        assert (tested / name).is_file(), name
     assert (run / "config.yaml").is_file()
     assert (run / "checkpoints" / "last.ckpt").is_file()
     checkpoint = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
@@ -58,14 +65,13 @@ def test_run_dir_has_checkpoint_events_config_and_metrics(
     assert any(tag.startswith("lr-") for tag in scalars)
     assert len(events.Scalars("val/acc")) == 2  # one point per epoch
     assert "val/confusion_matrix" in events.Tags()["images"]
-    assert "test/confusion_matrix" in events.Tags()["images"]
 
 
 @pytest.mark.parametrize("test_time_flip", [False, True])
 def test_testing_through_onnxruntime_matches_torch(
     compose_train, image_folder: Path, tmp_path: Path, test_time_flip: bool
 ) -> None:
-    """``inference_engine=auto`` tests through ONNX Runtime on a CPU: the same metrics as PyTorch."""
+    """``eval.engine=auto`` tests through ONNX Runtime on a CPU: the same metrics as PyTorch."""
     results = {}
     for engine in ("torch", "onnxruntime"):
         cfg = compose_train(
@@ -73,7 +79,7 @@ def test_testing_through_onnxruntime_matches_torch(
             "optimizer.lr=3e-3",
             "model.scratch.widths=[8,16]",
             f"+model.test_time_flip={test_time_flip}",
-            f"inference_engine={engine}",
+            f"eval.engine={engine}",
             "trainer.precision=32-true",  # auto is bf16 on CPUs with AMX: compare float32 with float32
             f"paths.output_dir={tmp_path / engine}",
             root=image_folder,
@@ -133,4 +139,4 @@ def test_real_photos_smoke(compose_train) -> None:
     )
     _, metrics = train(cfg)
     assert metrics["test/acc"] >= 0.0
-    assert len(metrics["per_class"]) == 10
+    assert metrics["test_images"] == 10 * 4  # debug=limit: 4 test photos per class

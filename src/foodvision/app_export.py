@@ -56,8 +56,8 @@ def run_numbers(run_dir: Path) -> dict[str, Any]:
         evaluated = json.loads((run_dir / "eval-test" / "metrics.json").read_text())
         numbers.update(
             {
-                "test accuracy": evaluated.get("accuracy"),
-                "macro F1": evaluated.get("f1_macro"),
+                "test accuracy": evaluated.get("test/acc"),
+                "macro F1": evaluated.get("test/f1_macro"),
                 "test images": evaluated.get("num_images"),
                 "source": "eval-test/metrics.json",
             }

@@ -76,6 +76,12 @@ def confusion_matrix(true: Sequence[int], predicted: Sequence[int], num_classes:
     return np.bincount(index, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
 
 
+def metric_name(split: str, name: str) -> str:
+    """The one vocabulary of metric keys: ``<split>/<name>`` as training logs them (``val/acc``,
+    ``test/f1_macro``), in the ``metrics.json`` of a training run and of ``eval.py`` alike."""
+    return f"{split}/{name}"
+
+
 class RunningMetrics:
     """Confusion matrix, summed cross-entropy and top-5 hits, updated batch by batch (float64 sums): the
     same metrics as computing them over all logits at once, without keeping the logits."""
@@ -98,6 +104,16 @@ class RunningMetrics:
             self.top5_correct += int((top5 == true[:, None]).any(dim=1).sum())
         self.count += len(true)
         return confidence, predicted
+
+
+def split_metrics(split: str, totals: RunningMetrics, scores: Mapping[str, Any]) -> dict[str, float]:
+    """``<split>/acc``, ``acc_top5`` (5+ classes), ``loss`` and the precision/recall/F1 averages."""
+    values = {"acc": scores["accuracy"]}
+    if totals.num_classes >= 5:
+        values["acc_top5"] = totals.top5_correct / totals.count
+    values["loss"] = totals.loss_sum / totals.count
+    values.update({k: v for k, v in scores.items() if k not in ("accuracy", "per_class")})
+    return {metric_name(split, k): float(v) for k, v in values.items()}
 
 
 # ---- where: run dir, data, classes ---------------------------------------------------------------------
@@ -352,11 +368,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     scores = classification_metrics(confusion)
     per_class = scores.pop("per_class")
 
-    metrics: dict[str, Any] = {"accuracy": scores["accuracy"]}
-    if num_classes >= 5:
-        metrics["top5_accuracy"] = totals.top5_correct / totals.count
-    metrics["loss"] = totals.loss_sum / totals.count
-    metrics.update({k: v for k, v in scores.items() if k != "accuracy"})
+    metrics: dict[str, Any] = split_metrics(split, totals, scores)
     metrics.update(
         {
             "split": split,
@@ -389,7 +401,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         ["true \\ predicted", *names],
         [[name, *map(int, confusion[i])] for i, name in enumerate(names)],
     )
-    title = f"{split} confusion (row-normalised)\n{predictor.info.architecture}, accuracy {metrics['accuracy']:.3f}"
+    accuracy = metrics[metric_name(split, "acc")]
+    title = f"{split} confusion (row-normalised)\n{predictor.info.architecture}, accuracy {accuracy:.3f}"
     save_figure(confusion_figure(confusion, names, title), out / "confusion_matrix.png")
 
     wrong.sort(key=lambda r: (-r["confidence"], r["file"]))
@@ -412,10 +425,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         note = f"no TensorBoard events in {run_dir}: curves.png not written"
         log.info(note)
         metrics["notes"] = [note]
+    metrics["eval_dir"] = str(out)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    from foodvision.report import write_report  # report.html from the files above (foodvision.report)
+    if cfg.get("report", True):
+        from foodvision.report import write_report  # report.html from the files above (foodvision.report)
 
-    write_report(out, predictor)
+        write_report(out, predictor)
     _print_summary(metrics, out, stream.images_per_second)
     return metrics
 
@@ -428,8 +443,11 @@ def _workers(cfg: DictConfig) -> int:
 
 
 def _print_summary(metrics: Mapping[str, Any], out: Path, speed: float) -> None:
-    keys = ("accuracy", "top5_accuracy", "loss", "precision_macro", "recall_macro", "f1_macro", "f1_weighted")
-    lines = [f"  {k:<17}{metrics[k]:.4f}" for k in keys if k in metrics]
+    keys = ("acc", "acc_top5", "loss", "precision_macro", "recall_macro", "f1_macro", "f1_weighted")
+    split = metrics["split"]
+    lines = [
+        f"  {k:<17}{metrics[metric_name(split, k)]:.4f}" for k in keys if metric_name(split, k) in metrics
+    ]
     skipped = len(metrics["skipped_images"])
     print(
         f"\n{metrics['split']}: {metrics['num_images']} images, {metrics['num_classes']} classes"

@@ -81,15 +81,12 @@ class LitClassifier(L.LightningModule):
         weights = resolve_class_weights(class_weights, class_counts, num_classes)
         loss_weights = None if weights is None else torch.tensor(weights, dtype=torch.float32)
         self.register_buffer("loss_weights", loss_weights, persistent=False)
-        self.metrics = nn.ModuleDict(
-            {f"{s}_": summary_metrics(num_classes) for s in ("train", "val", "test")}
-        )
-        self.detailed = nn.ModuleDict({f"{s}_": per_class_metrics(num_classes) for s in ("val", "test")})
+        self.metrics = nn.ModuleDict({f"{s}_": summary_metrics(num_classes) for s in ("train", "val")})
+        # Testing is eval.py's job (foodvision.evaluate): train.py evaluates the best checkpoint with it.
+        self.detailed = nn.ModuleDict({"val_": per_class_metrics(num_classes)})
         if channels_last:
             self.net.to(memory_format=torch.channels_last)
         self.last_results: dict[str, dict[str, Any]] = {}
-        # Set by the InferenceEngine callback while testing/predicting: image batch -> logits (ONNX Runtime).
-        self.image_runner: Any = None
 
     # ---- forward -----------------------------------------------------------------------------
     def forward(
@@ -97,8 +94,6 @@ class LitClassifier(L.LightningModule):
     ) -> torch.Tensor:
         if entry != IMAGES:  # cached backbone outputs
             return self.net.forward_entry(inputs, entry, mirrored)
-        if self.image_runner is not None and not self.training:
-            return self.image_runner(inputs).to(inputs.device)
         if self.hparams.channels_last:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
         return self.net(inputs)
@@ -116,7 +111,7 @@ class LitClassifier(L.LightningModule):
             loss = nn.functional.cross_entropy(
                 logits, targets, weight=self.loss_weights, label_smoothing=self.hparams.label_smoothing
             )
-        else:  # plain cross-entropy: val/test losses stay comparable across runs and with eval.py
+        else:  # plain cross-entropy: val losses stay comparable across runs and with eval.py
             loss = nn.functional.cross_entropy(logits, targets)
         self.metrics[f"{stage}_"].update(logits.detach().float(), targets)
         if f"{stage}_" in self.detailed:
@@ -129,9 +124,6 @@ class LitClassifier(L.LightningModule):
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._step(batch, "val")
-
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._step(batch, "test")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """What inference needs without the training config: classes, preprocessing, architecture."""
@@ -172,9 +164,6 @@ class LitClassifier(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self._epoch_end("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._epoch_end("test")
 
     # ---- optimisation ----------------------------------------------------------------------
     def configure_optimizers(self) -> Any:

@@ -48,7 +48,7 @@ def import_gradio() -> Any:
 def test_accuracy(run_dir: Path) -> tuple[float | None, str]:
     """The model's test accuracy and where it comes from: eval.py's metrics, else the training run's."""
     for path, key in (
-        (run_dir / "eval-test" / "metrics.json", "accuracy"),
+        (run_dir / "eval-test" / "metrics.json", "test/acc"),
         (run_dir / "metrics.json", "test/acc"),
     ):
         try:

@@ -19,7 +19,6 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from foodvision.callbacks.feature_cache import FeatureCache
 from foodvision.callbacks.finetune import TwoStageFinetuning
-from foodvision.callbacks.inference_engine import InferenceEngine
 from foodvision.cli import EXPECTED_ERRORS
 from foodvision.config_check import ConfigError, check_train_config
 from foodvision.data.datamodule import FoodDataModule
@@ -121,7 +120,6 @@ def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
     callbacks = [
         hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c and "_target_" in c
     ]
-    callbacks.append(InferenceEngine(cfg.get("inference_engine", "auto")))
     if cfg.finetune.enabled:
         ft = cfg.finetune
         callbacks.append(
@@ -218,17 +216,13 @@ def train(cfg: DictConfig) -> tuple[float | None, dict[str, Any]]:
     for key in ("train/loss", "val/loss"):  # the last epoch's (logged by Lightning, not in last_results)
         if key in trainer.callback_metrics:
             metrics[key] = float(trainer.callback_metrics[key])
-    if cfg.get("test"):
-        best = (
-            getattr(trainer.checkpoint_callback, "best_model_path", "") if trainer.checkpoint_callback else ""
-        )
-        trainer.test(module, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
-        metrics.update(module.last_results.get("test", {}))
-        metrics["test/loss"] = float(trainer.callback_metrics.get("test/loss", float("nan")))
-        metrics["best_checkpoint"] = best
-        metrics["test_engine"] = next(
-            (c.used for c in trainer.callbacks if isinstance(c, InferenceEngine)), None
-        )
+    if cfg.get("test") and trainer.is_global_zero:
+        metrics.update(test_best_checkpoint(cfg, trainer, run_dir))
+        for logger in loggers:
+            logger.log_metrics(
+                {k: v for k, v in metrics.items() if k.startswith("test/") and isinstance(v, float)},
+                step=trainer.global_step,
+            )
     bad = datamodule.bad_images()
     metrics["skipped_bad_images"] = len(bad)
     metrics["bad_images"] = bad
@@ -247,6 +241,51 @@ def train(cfg: DictConfig) -> tuple[float | None, dict[str, Any]]:
         print(f"\nrun dir: {run_dir}\ntest: {summary}\nwall time: {metrics['wall_seconds']} s", flush=True)
     value = metrics.get(cfg.get("optimized_metric") or "")
     return (float(value) if value is not None else None), metrics
+
+
+def eval_precision(trainer_precision: Any) -> str:
+    """The trainer's precision in eval.py's vocabulary (``32`` or ``bf16``)."""
+    return "bf16" if str(trainer_precision).startswith("bf16") else "32"
+
+
+def test_best_checkpoint(cfg: DictConfig, trainer: L.Trainer, run_dir: Path) -> dict[str, Any]:
+    """Evaluate the best checkpoint (else ``last.ckpt``) on the test split with ``eval.py``'s code: the
+    same metrics, keys and files (``<run>/eval-test/``) as ``python eval.py ckpt_path=<it>`` gives."""
+    from foodvision.evaluate import evaluate
+
+    checkpoint_callback = trainer.checkpoint_callback
+    best = getattr(checkpoint_callback, "best_model_path", "") if checkpoint_callback else ""
+    last = run_dir / "checkpoints" / "last.ckpt"
+    checkpoint = best or (str(last) if last.is_file() else "")
+    if not checkpoint:
+        log.warning("no checkpoint was written (checkpoint callbacks off?): the test split is not evaluated")
+        return {}
+    eval_cfg = OmegaConf.load(Path(CONFIG_DIR) / "eval.yaml")
+    del eval_cfg["defaults"]
+    eval_cfg.merge_with(
+        {
+            "paths": OmegaConf.to_container(cfg.paths, resolve=True),
+            "ckpt_path": checkpoint,
+            "output_dir": str(run_dir / "eval-test"),
+            "seed": cfg.seed,
+            "data": {"split": "test"},
+            "precision": eval_precision(cfg.trainer.precision),
+            "device": trainer.strategy.root_device.type,
+            "num_workers": cfg.data.get("num_workers"),
+            "progress": trainer.progress_bar_callback is not None,
+        },
+        OmegaConf.to_container(cfg.get("eval") or {}, resolve=True),
+    )
+    log.info("testing %s on the test split (eval.py's code) -> %s", checkpoint, eval_cfg.output_dir)
+    result = evaluate(eval_cfg)
+    tested = {k: v for k, v in result.items() if k.startswith("test/")}
+    tested.update(
+        best_checkpoint=checkpoint,
+        test_engine=result["engine"],
+        test_images=result["num_images"],
+        eval_dir=result["eval_dir"],
+    )
+    return tested
 
 
 def _flat_hparams(cfg: DictConfig, datamodule: FoodDataModule, module: LitClassifier) -> dict[str, Any]:
