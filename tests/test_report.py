@@ -170,6 +170,69 @@ def test_gradcam_layer_of_a_timm_backbone_is_its_last_feature_map() -> None:
     assert cam_target_layer(model, 64) is model.backbone.bn2
 
 
+def test_gradcam_without_the_graph_below_its_layer_gives_the_maps_of_a_full_backward() -> None:
+    """report.py cuts autograd at the Grad-CAM layer (memory): the maps stay those of the grad-cam package on
+    the whole network, and the network is left as it was found."""
+    pytest.importorskip("pytorch_grad_cam")
+    import numpy as np
+    import torch
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    from foodvision.report import gradcam_maps
+
+    torch.manual_seed(0)
+    model, _, _ = build_classifier(3, name="mobilenetv2_100", pretrained=False)
+    model.eval()
+    network = torch.nn.Sequential(model.backbone, model.head)
+    layer = cam_target_layer(model, 64)
+    model.backbone.conv_stem.weight.requires_grad_(
+        False
+    )  # a frozen weight stays frozen, the others trainable
+    flags = {name: p.requires_grad for name, p in network.named_parameters()}
+    generator = torch.Generator().manual_seed(1)
+    images = [torch.randn(3, 64, 64, generator=generator) for _ in range(3)]
+    targets = [0, 2, 1]
+    with GradCAM(model=network, target_layers=[layer]) as cam:
+        expected = [
+            cam(input_tensor=image[None], targets=[ClassifierOutputTarget(t)])[0]
+            for image, t in zip(images, targets, strict=True)
+        ]
+    network.zero_grad(set_to_none=True)
+    got = gradcam_maps(network, layer, images, targets)
+    assert any(float(m.max()) > 0 for m in expected)
+    for mine, theirs in zip(got, expected, strict=True):
+        np.testing.assert_allclose(mine, theirs, atol=1e-5)
+    assert {name: p.requires_grad for name, p in network.named_parameters()} == flags
+    assert all(p.grad is None for p in network.parameters())  # nothing below or above accumulated gradients
+    assert not any(m.training for m in network.modules())
+
+
+def test_report_draws_gradcam_with_the_model_eval_holds(
+    tiny_run: TinyRun, evaluated: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No second copy of the model for Grad-CAM: eval's predictor's PyTorch model is used (also behind ONNX
+    Runtime), and left as it was."""
+    pytest.importorskip("pytorch_grad_cam")
+    import foodvision.inference
+    from foodvision.inference import Predictor
+    from foodvision.report import gradcam_overlays, pick_samples
+
+    predictor = Predictor(tiny_run.checkpoint, device="cpu", precision="32")
+    flags = [p.requires_grad for p in predictor.model.parameters()]
+
+    def no_second_copy(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("Grad-CAM loaded the checkpoint a second time")
+
+    monkeypatch.setattr(foodvision.inference, "load_checkpoint_model", no_second_copy)
+    samples = pick_samples(
+        read_csv(evaluated / "predictions.csv"), read_csv(evaluated / "most_confident_wrong.csv"), 2
+    )
+    items = gradcam_overlays(tiny_run.checkpoint, samples, predictor)
+    assert len(items) == len(samples) > 0 and all(item["overlay"] for item in items)
+    assert [p.requires_grad for p in predictor.model.parameters()] == flags
+
+
 def test_compare_writes_the_leaderboard_as_html(tiny_run: TinyRun, tmp_path: Path) -> None:
     root = tmp_path / "runs"
     for name, accuracy in (("a", 0.5), ("b", 0.75)):

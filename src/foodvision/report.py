@@ -196,6 +196,42 @@ def _cam_model(checkpoint: Path, predictor: Any = None) -> tuple[Any, Any]:
     return model.float(), info
 
 
+def gradcam_maps(network: Any, layer: Any, images: Sequence[Any], targets: Sequence[int]) -> list[np.ndarray]:
+    """Grad-CAM (the ``grad-cam`` package) of class ``targets[i]`` for ``images[i]`` (C, H, W) at ``layer``,
+    one photo at a time; ``network`` is left as it was found (weights' ``requires_grad``, train/eval modes).
+
+    Grad-CAM needs the gradient of the class score with respect to the layer's output only. So the weights
+    are frozen and the layer's output is made a leaf that requires grad (a hook registered before Grad-CAM's
+    own, which then see that leaf): autograd records nothing below the layer, and the backward pass keeps
+    only the few activations above it. The maps are those of a full backward pass (the gradient above the
+    layer does not depend on what is below it). Measured on eval.py (MobileNetV2, 256 px, 12 photos): peak
+    RSS +330 MB with a full backward, +40 MB so; a batch of 12 with a full backward had cost +1.6 GB."""
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    modes = {m: m.training for m in network.modules()}
+    grads = {p: p.requires_grad for p in network.parameters()}
+    for parameter in grads:
+        parameter.requires_grad_(False)
+
+    def leaf(_module: Any, _inputs: Any, output: Any) -> Any:
+        return output.detach().requires_grad_(True)
+
+    handle = layer.register_forward_hook(leaf)
+    try:
+        with GradCAM(model=network, target_layers=[layer]) as cam:
+            return [
+                cam(input_tensor=image[None], targets=[ClassifierOutputTarget(int(target))])[0]
+                for image, target in zip(images, targets, strict=True)
+            ]
+    finally:
+        handle.remove()
+        for parameter, flag in grads.items():
+            parameter.requires_grad_(flag)
+        for module, training in modes.items():
+            module.training = training
+
+
 def gradcam_overlays(
     checkpoint: Path, samples: Sequence[Mapping[str, Any]], predictor: Any = None
 ) -> list[dict[str, Any]]:
@@ -206,9 +242,7 @@ def gradcam_overlays(
     second copy loaded from ``checkpoint``; it is left as it was found."""
     import torch
     from PIL import Image
-    from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.image import show_cam_on_image
-    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     from foodvision.data.images import load_rgb
 
@@ -229,34 +263,8 @@ def gradcam_overlays(
         kept.append(sample)
     if not kept:
         return []
-    # Grad-CAM needs the gradient of the class score with respect to the target layer's output only. The
-    # weights are frozen and the layer's output is made a leaf that requires grad (a hook registered before
-    # Grad-CAM's own, which then see that leaf): autograd records nothing below the layer, so the backward
-    # pass keeps only the head's few activations. Same maps as a full backward (the gradient above the layer
-    # does not depend on what is below it); measured on eval.py (MobileNetV2, 256 px): Grad-CAM's peak
-    # went from +330 MB to +40 MB. One photo at a time (a batch of 12 with a full backward took eval from 1.4
-    # to 3 GiB).
-    modes = {m: m.training for m in network.modules()}
-    grads = {p: p.requires_grad for p in network.parameters()}
-    for parameter in grads:
-        parameter.requires_grad_(False)
-
-    def leaf(_module: Any, _inputs: Any, output: Any) -> Any:
-        return output.detach().requires_grad_(True)
-
-    handle = layer.register_forward_hook(leaf)
-    try:
-        with GradCAM(model=network, target_layers=[layer]) as cam:
-            maps = [
-                cam(input_tensor=image[None], targets=[ClassifierOutputTarget(names.index(s["predicted"]))])[0]
-                for image, s in zip(images, kept, strict=True)
-            ]
-    finally:
-        handle.remove()
-        for parameter, flag in grads.items():
-            parameter.requires_grad_(flag)
-        for module, training in modes.items():
-            module.training = training
+    targets = [names.index(s["predicted"]) for s in kept]
+    maps = gradcam_maps(network, layer, images, targets)
     mean = torch.tensor(pre.mean).view(3, 1, 1)
     std = torch.tensor(pre.std).view(3, 1, 1)
     display = max(160, pre.image_size)
