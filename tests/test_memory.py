@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from foodvision import engine
-from foodvision.callbacks.feature_cache import extract_features
+from foodvision.callbacks.feature_cache import COMPACT_MAPS_DTYPE, extract_features
+from foodvision.data.cached import CachedInputs
 from foodvision.evaluate import classification_metrics, confusion_matrix, evaluate
 from foodvision.inference import Predictor, ToolError, infer_files
 from foodvision.predict import PredictionWriter, collect_inputs, predict, write_output
@@ -309,3 +310,63 @@ def test_feature_extraction_fills_preallocated_rows_and_drops_skipped_ones() -> 
     torch.testing.assert_close(maps, images[:7] * 2)
     assert got_labels.tolist() == list(range(7))
     assert maps.untyped_storage().nbytes() == maps.numel() * 4  # trimmed: no unused rows saved
+
+
+def test_compact_prefix_maps_take_half_the_memory_and_give_the_logits_of_float32_maps() -> None:
+    """Train-split prefix maps stored in float16 (COMPACT_MAPS_DTYPE), served as float32 batches: half the
+    bytes, and the network's logits on them within float16 rounding of the float32 maps' logits."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from foodvision.models.classifier import build_classifier, prefix_entry
+
+    torch.manual_seed(0)
+    net, _, _ = build_classifier(4, name="mobilenetv2_100", pretrained=False)
+    net.eval()
+    images = torch.randn(12, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    labels = torch.arange(12) % 4
+    module = SimpleNamespace(net=net)
+
+    class Loader(list):
+        dataset = list(range(12))
+
+    def run(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        prefix = net.forward_prefix(batch, 5)
+        return net.forward_suffix(prefix, 5), prefix
+
+    batches = [(images[:5], labels[:5]), (images[5:], labels[5:])]
+    pooled, _, wide = extract_features(module, Loader(batches), run, "float32")
+    pooled16, _, compact = extract_features(
+        module, Loader(batches), run, "compact", maps_dtype=COMPACT_MAPS_DTYPE
+    )
+    assert wide is not None and compact is not None
+    assert wide.dtype == torch.float32 and compact.dtype == torch.float16
+    assert compact.untyped_storage().nbytes() * 2 == wide.untyped_storage().nbytes()
+    torch.testing.assert_close(pooled16, pooled, rtol=0, atol=0)  # pooled features stay float32, exact
+
+    cached = CachedInputs(prefix_entry(5), [TensorDataset(compact, labels)])
+    batch = next(iter(DataLoader(cached, batch_size=12, collate_fn=cached.collate)))
+    assert batch["inputs"].dtype == torch.float32  # what the model gets, whatever the storage
+    with torch.inference_mode():
+        reference = net.forward_entry(wide, batch["entry"])
+        logits = net.forward_entry(batch["inputs"], batch["entry"])
+    scale = float(reference.abs().max())
+    torch.testing.assert_close(logits, reference, rtol=0, atol=2e-3 * scale)
+    assert torch.equal(logits.argmax(1), reference.argmax(1))
+
+
+def test_maps_beyond_float16_range_stay_float32() -> None:
+    images = torch.randn(6, 3, 4, 4)
+    images[4, 0, 0, 0] = 1e6  # beyond float16's 65504, in the second batch
+    module = SimpleNamespace(net=SimpleNamespace(backbone=nn.Identity()))
+
+    class Loader(list):
+        dataset = list(range(6))
+
+    def run(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return batch.mean(dim=(2, 3)), batch
+
+    batches = [(images[:3], torch.arange(3)), (images[3:], torch.arange(3, 6))]
+    _, _, maps = extract_features(module, Loader(batches), run, "wide", maps_dtype=COMPACT_MAPS_DTYPE)
+    assert maps is not None and maps.dtype == torch.float32
+    torch.testing.assert_close(maps[3:], images[3:], rtol=0, atol=0)
+    torch.testing.assert_close(maps[:3], images[:3].half().float(), rtol=0, atol=0)

@@ -41,6 +41,11 @@ class CachedInputs(Dataset):
         return item
 
     def collate(self, items: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
+        """One batch; inputs stored in float16 (compact train maps, see
+        ``foodvision.callbacks.feature_cache.COMPACT_MAPS_DTYPE``) are served as float32, a batch at a time."""
         batch = default_collate(items)
+        for key in ("inputs", "mirrored"):
+            if key in batch and batch[key].dtype == torch.float16:
+                batch[key] = batch[key].float()
         batch["entry"] = self.entry
         return batch
