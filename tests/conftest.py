@@ -129,7 +129,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> TinyRun:
         f"paths.output_dir={run_dir}",
         "data=imagefolder",
         f"data.root={data_root}",
-        "model=scratch_baseline",
+        "experiment=scratch_baseline",
         "model.scratch.widths=[8,16]",
         "data.image_size=32",
         "data.batch_size=8",

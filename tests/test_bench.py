@@ -127,7 +127,10 @@ def fake_run(log_dir: Path, name: str, config: dict, overrides: list[str], finis
 def test_recipe_reads_the_newest_default_run(tmp_path: Path) -> None:
     sections = load_bench_module("sections")
     default = sections.default_recipe_config()  # conf/train.yaml as it is now
-    assert default["model"]["name"] == "mobilenetv2_100" and default["finetune"]["unfreeze"] == "blocks.5"
+    assert (
+        default["model"]["name"] == "mobilenetv2_100"
+        and default["callbacks"]["finetune"]["unfreeze"] == "blocks.5"
+    )
     log_dir = tmp_path / "lightning_logs"
     longer = copy.deepcopy(default)
     longer["trainer"]["max_epochs"] += 5
@@ -145,7 +148,7 @@ def test_recipe_reads_the_newest_default_run(tmp_path: Path) -> None:
     run, note = sections.newest_default_run(log_dir, default)
     assert run["run_dir"].endswith("default") and run["default_recipe"]
     assert run["wall_seconds"] == 100.0 and run["test_acc"] == 0.8
-    assert run["stage1_epochs"] == default["finetune"]["stage1_epochs"]
+    assert run["stage1_epochs"] == default["callbacks"]["finetune"]["stage1_epochs"]
 
 
 def test_memory_rows_and_merge_keep_earlier_sections(tmp_path: Path) -> None:

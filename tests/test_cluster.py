@@ -9,13 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from foodvision.module import LitClassifier
+from foodvision.evaluate import evaluate
 
-from .conftest import CONFIG_DIR, ROOT
+from .conftest import CONFIG_DIR, ROOT, compose_tool
 
 
 def _compose_with_hydra(*overrides: str):
@@ -85,7 +84,7 @@ def test_two_process_ddp_finetuning(image_folder: Path, tmp_path: Path) -> None:
     run, probe = tmp_path / "run", tmp_path / "probe"
     command = [
         sys.executable, str(ROOT / "train.py"), "trainer=ddp_cpu", "model=mobilenetv2_ft",
-        "finetune.stage1_epochs=1", "trainer.max_epochs=2", "trainer.precision=32-true",
+        "callbacks.finetune.stage1_epochs=1", "trainer.max_epochs=2", "trainer.precision=32-true",
         "data=imagefolder", f"data.root={image_folder}", "data.image_size=32", "data.batch_size=4",
         "data.num_workers=0", f"paths.root_dir={tmp_path}", f"hydra.run.dir={run}", "~callbacks.progress_bar",
         "+callbacks.rank_check._target_=tests.ddp_probe.RankConsistencyProbe", f"+callbacks.rank_check.out_dir={probe}",
@@ -108,22 +107,13 @@ def test_two_process_ddp_finetuning(image_folder: Path, tmp_path: Path) -> None:
     assert sorted(p.name for p in (run / "checkpoints").iterdir())[-1] == "last.ckpt"
     assert not (tmp_path / "lightning_logs").exists()
 
-    # the DDP test metrics equal a single-process evaluation of the same checkpoint
+    # rank 0 tested the best checkpoint with eval.py's code: the same metrics as eval.py on it, in a new process
     metrics = json.loads((run / "metrics.json").read_text())
-    checkpoint = torch.load(metrics["best_checkpoint"], map_location="cpu", weights_only=True)
-    from foodvision.data.datamodule import FoodDataModule
-
-    dm = FoodDataModule(source="imagefolder", root=str(image_folder), image_size=32, num_workers=0)
-    dm.discover()
-    module = LitClassifier(
-        dm.num_classes, dm.classes, model={**checkpoint["foodvision"]["model"], "pretrained": False}
-    )
-    module.load_state_dict(checkpoint["state_dict"])
-    dm.preprocessing = module.preprocessing
-    import lightning as L
-
-    trainer = L.Trainer(
-        accelerator="cpu", devices=1, precision="32-true", logger=False, enable_progress_bar=False
-    )
-    trainer.test(module, datamodule=dm, verbose=False)
-    assert module.last_results["test"]["test/acc"] == pytest.approx(metrics["test/acc"])
+    evaluated = evaluate(
+        compose_tool(
+            "eval", f"ckpt_path={metrics['best_checkpoint']}", "precision=32", "device=cpu", "num_workers=0",
+            f"output_dir={tmp_path / 'eval'}", "report=false",
+        )
+    )  # fmt: skip
+    for key in ("test/acc", "test/loss", "test/f1_macro"):
+        assert evaluated[key] == pytest.approx(metrics[key], abs=1e-4), key

@@ -162,7 +162,7 @@ def _with_bad_file(image_folder: Path) -> Path:
 
 def test_bad_file_stops_training_with_its_name(compose_train, image_folder: Path) -> None:
     bad = _with_bad_file(image_folder)
-    cfg = compose_train("model=scratch_baseline", "debug=fdr", "data.batch_size=64", root=image_folder)
+    cfg = compose_train("experiment=scratch_baseline", "debug=fdr", "data.batch_size=64", root=image_folder)
     with pytest.raises(BadImagesError, match=bad.name):
         train(cfg)
 
@@ -170,7 +170,7 @@ def test_bad_file_stops_training_with_its_name(compose_train, image_folder: Path
 def test_skip_bad_images_skips_counts_and_lists(compose_train, image_folder: Path, tmp_path: Path) -> None:
     bad = _with_bad_file(image_folder)
     cfg = compose_train(
-        "model=scratch_baseline",
+        "experiment=scratch_baseline",
         "data.skip_bad_images=true",
         "data.batch_size=64",
         "model.scratch.widths=[8]",

@@ -31,31 +31,47 @@ EXPECTED: dict[str, dict[str, object]] = {
     "scratch_wide_dense": {"model.head.hidden": [512]},
     "mnv2_2a_features": {
         "model.name": "mobilenetv2_100",
-        "finetune.unfreeze": "none",
+        "callbacks.finetune.unfreeze": "none",
         "optimizer.name": "adam",
         "optimizer.lr": 2e-5,
         "model.head.hidden": 128,
         "model.head.dropout": 0.3,
         "augment.name": "none",
     },
-    "mnv2_2b_augment": {"augment.name": "seed", "optimizer.lr": 2e-5, "finetune.unfreeze": "none"},
+    "mnv2_2b_augment": {"augment.name": "seed", "optimizer.lr": 2e-5, "callbacks.finetune.unfreeze": "none"},
     "mnv2_2c_finetune": {
-        "finetune.unfreeze": "blocks.5",
+        "callbacks.finetune.unfreeze": "blocks.5",
         "optimizer.lr": 2e-5,
-        "finetune.lr_factor": 0.1,
-        "finetune.train_bn": False,
+        "optimizer.backbone_lr_factor": 0.1,
+        "callbacks.finetune.train_bn": False,
     },
     "effnet_two_stage": {
         "model.name": "efficientnet_b0",
-        "finetune.stage1_epochs": 15,
-        "finetune.unfreeze": "all",
-        "finetune.train_bn": False,
+        "callbacks.finetune.stage1_epochs": 15,
+        "callbacks.finetune.unfreeze": "all",
+        "callbacks.finetune.train_bn": False,
     },
     "binary": {"data.classes": ["apple_pie", "bibimbap"]},
+    "mobilenetv2_ft": {
+        "model.name": "mobilenetv2_100",
+        "model.test_time_flip": True,
+        "callbacks.finetune.unfreeze": "blocks.5",
+        "scheduler.name": "stage2",
+        "scheduler.decay": "cosine",
+        "optimizer.backbone_lr_factor": 0.3,
+        "label_smoothing": 0.1,
+    },
+    "mobilenetv2_features": {"model.name": "mobilenetv2_100", "callbacks.finetune.unfreeze": "none"},
+    "efficientnet_lite0_ft": {
+        "model.name": "tf_efficientnet_lite0",
+        "callbacks.finetune.unfreeze": "blocks.5",
+        "optimizer.backbone_lr_factor": 0.1,
+    },
+    "efficientnet_b0_ft": {"model.name": "efficientnet_b0", "callbacks.finetune.unfreeze": "all"},
     "food101_effnet": {
         "model.name": "efficientnet_b0",
         "trainer.strategy._target_": "lightning.pytorch.strategies.DDPStrategy",
-        "finetune.stage1_epochs": 15,
+        "callbacks.finetune.stage1_epochs": 15,
         "augment.name": "seed",
     },
 }
@@ -63,7 +79,7 @@ EXPECTED: dict[str, dict[str, object]] = {
 
 def _overrides(name: str) -> list[str]:
     extra = []
-    if name in ("effnet_two_stage", "food101_effnet"):
+    if name in ("effnet_two_stage", "food101_effnet", "efficientnet_b0_ft"):
         extra.append("model.pretrained=false")  # efficientnet_b0 weights need the internet
     return [f"experiment={name}", "debug=fdr", *extra]
 
@@ -83,7 +99,7 @@ def test_experiment_composes(compose_train, image_folder: Path, name: str) -> No
         assert actual == (pytest.approx(value) if isinstance(value, float) else value), key
     assert cfg.trainer.fast_dev_run is True and cfg.data.image_size == 32  # test overrides win
     if name == "mnv2_2c_finetune":  # the unfrozen blocks at the reference's 2e-6
-        assert cfg.optimizer.lr * cfg.finetune.lr_factor == pytest.approx(2e-6)
+        assert cfg.optimizer.lr * cfg.optimizer.backbone_lr_factor == pytest.approx(2e-6)
 
 
 def test_experiment_epochs_and_stages() -> None:
@@ -99,10 +115,12 @@ def test_experiment_epochs_and_stages() -> None:
     GlobalHydra.instance().clear()
     assert {name: cfg.trainer.max_epochs for name, cfg in composed.items()} == expected
     # 2c: 2a's 30 frozen epochs, then 30 fine-tuning; effnet: 15 frozen, then 10 unfrozen
-    assert composed["mnv2_2c_finetune"].finetune.stage1_epochs == 30
-    assert composed["effnet_two_stage"].finetune.stage1_epochs == 15
+    assert composed["mnv2_2c_finetune"].callbacks.finetune.stage1_epochs == 30
+    assert composed["effnet_two_stage"].callbacks.finetune.stage1_epochs == 15
     assert composed["mnv2_2a_features"].data.batch_size == 20
-    assert composed["food101_effnet"].feature_cache.enabled is True  # stage 1 cached, stage 2 augmented
+    assert (
+        composed["food101_effnet"].callbacks.feature_cache.enabled is True
+    )  # stage 1 cached, stage 2 augmented
 
 
 @pytest.mark.parametrize("name", ["scratch_decreasing", "mnv2_2c_finetune", "effnet_two_stage"])
@@ -134,3 +152,36 @@ def test_binary_experiment_trains_a_two_way_classifier(compose_train, tmp_path: 
     confusion = (Path(metrics["eval_dir"]) / "confusion_matrix.csv").read_text().splitlines()
     assert [row.split(",")[0] for row in confusion[1:]] == ["apple_pie", "bibimbap"]
     assert sum(int(v) for row in confusion[1:] for v in row.split(",")[1:]) == metrics["test_images"] == 4
+
+
+def test_model_holds_the_network_and_the_default_run_is_the_mobilenetv2_ft_recipe() -> None:
+    """``python train.py`` = ``model=mobilenetv2_ft`` = ``experiment=mobilenetv2_ft``; ``model=`` swaps the
+    network under the recipe; ``conf/model/*.yaml`` set nothing but the network."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        default = compose("train")
+        by_model = compose("train", overrides=["model=mobilenetv2_ft"])
+        by_recipe = compose("train", overrides=["experiment=mobilenetv2_ft"])
+        lite = compose("train", overrides=["model=efficientnet_lite0"])
+    GlobalHydra.instance().clear()
+    assert OmegaConf.to_yaml(default) == OmegaConf.to_yaml(by_model) == OmegaConf.to_yaml(by_recipe)
+    assert default.trainer.max_epochs == 16 and default.data.image_size == 256
+    assert default.callbacks.finetune.stage1_epochs == 8
+    assert lite.model.name == "tf_efficientnet_lite0" and lite.callbacks.finetune.unfreeze == "blocks.5"
+    for preset in (Path(CONFIG_DIR) / "model").glob("*.yaml"):
+        text = preset.read_text()
+        assert "@package _global_" not in text and "trainer:" not in text, preset.name
+
+
+def test_a_scratch_network_under_a_finetuning_recipe_is_refused_with_the_fix(
+    compose_train, image_folder: Path
+) -> None:
+    from foodvision.config_check import ConfigError
+
+    cfg = compose_train("model=scratch_baseline", root=image_folder)
+    with pytest.raises(ConfigError, match=r"experiment=scratch_baseline.*callbacks\.finetune=null"):
+        train(cfg)

@@ -28,7 +28,7 @@ QUIET = [
     "+trainer.enable_model_summary=false",
 ]
 SMALL = [
-    "model=scratch_baseline",
+    "experiment=scratch_baseline",
     "model.scratch.widths=[8,16]",
     "data=imagefolder",
     "data.image_size=32",

@@ -73,14 +73,13 @@ def make_datamodule(root: Path, out: Path, augment: str = "none", image_size: in
     return dm
 
 
-def make_module(dm: FoodDataModule, lr: float = 1e-2, scheduler: str = "cosine") -> LitClassifier:
+def make_module(dm: FoodDataModule, lr: float = 1e-2, scheduler: str | dict = "cosine") -> LitClassifier:
     module = LitClassifier(
         dm.num_classes,
         dm.classes,
         model={**MODEL, "image_size": dm.image_size},
-        optimizer={"name": "adamw", "lr": lr, "weight_decay": 1e-2},
-        scheduler={"name": scheduler},
-        backbone_lr_factor=0.1,
+        optimizer={"name": "adamw", "lr": lr, "weight_decay": 1e-2, "backbone_lr_factor": 0.1},
+        scheduler=scheduler if isinstance(scheduler, dict) else {"name": scheduler},
         max_epochs=4,
     )
     dm.preprocessing = module.preprocessing
@@ -195,16 +194,20 @@ class BatchLRs(Callback):
 
 
 def test_stage2_schedule_warms_up_decays_and_resumes_exactly(image_folder: Path, tmp_path: Path) -> None:
+    """``scheduler=stage2`` owns the rates: base rates in stage 1, warm-up and cosine decay from the switch
+    the fine-tuning callback reports; a run resumed in stage 2 continues it step for step."""
     dm = make_datamodule(image_folder, tmp_path)
+    schedule = {"name": "stage2", "warmup_epochs": 1.0, "decay": "cosine"}
+
+    def module() -> LitClassifier:
+        return make_module(dm, scheduler=schedule)
 
     def finetune() -> TwoStageFinetuning:
-        return TwoStageFinetuning(1, "blocks.5", schedule="cosine", warmup_epochs=1.0)
+        return TwoStageFinetuning(1, "blocks.5")
 
-    with pytest.raises(ValueError, match="scheduler=none"):  # two schedules would fight over the LR
-        fit(make_module(dm), dm, tmp_path / "x", [finetune()], epochs=1)
     straight = BatchLRs()
-    fit(make_module(dm, scheduler="none"), dm, tmp_path / "a", [finetune(), straight], epochs=4)
-    base = [1e-2, 1e-3]  # head lr, backbone lr * lr_factor (make_module)
+    fit(module(), dm, tmp_path / "a", [finetune(), straight], epochs=4)
+    base = [1e-2, 1e-3]  # head lr, backbone lr * backbone_lr_factor (make_module)
     stage1 = [lrs for (epoch, _), lrs in straight.lrs.items() if epoch == 0]
     stage2 = [lrs for (epoch, _), lrs in sorted(straight.lrs.items()) if epoch >= 1]
     assert all(lrs == pytest.approx(base) for lrs in stage1)
@@ -213,11 +216,15 @@ def test_stage2_schedule_warms_up_decays_and_resumes_exactly(image_folder: Path,
     assert max(head) <= base[0] * (1 + 1e-9) and head[-1] < 0.2 * base[0]  # cosine decay to ~0
     assert all(lrs[1] == pytest.approx(lrs[0] * 0.1) for lrs in stage2)  # groups keep their ratio
 
+    unstarted = BatchLRs()  # without the callback nobody starts stage 2: base rates throughout
+    fit(module(), dm, tmp_path / "c", [unstarted], epochs=2)
+    assert all(lrs == pytest.approx(base) for lrs in unstarted.lrs.values())
+
     interrupted = tmp_path / "b"
-    fit(make_module(dm, scheduler="none"), dm, interrupted, [finetune()], epochs=2)
+    fit(module(), dm, interrupted, [finetune()], epochs=2)
     resumed = BatchLRs()
     last = str(interrupted / "checkpoints" / "last.ckpt")
-    fit(make_module(dm, scheduler="none"), dm, interrupted, [finetune(), resumed], epochs=4, ckpt_path=last)
+    fit(module(), dm, interrupted, [finetune(), resumed], epochs=4, ckpt_path=last)
     assert resumed.lrs and all(resumed.lrs[key] == pytest.approx(straight.lrs[key]) for key in resumed.lrs)
     assert {epoch for epoch, _ in resumed.lrs} == {2, 3}
 

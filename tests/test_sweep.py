@@ -56,7 +56,7 @@ def test_multirun_records_failed_trial_and_writes_summary(small_tree: Path, tmp_
     """2x2 grid; six 2x2 poolings of a 32 px image leave nothing to pool, so exactly one trial fails."""
     sweep = tmp_path / "sweep"
     result = _run_train(
-        "-m", "model=scratch_baseline", "debug=fdr", "data=imagefolder", f"data.root={small_tree}",
+        "-m", "experiment=scratch_baseline", "debug=fdr", "data=imagefolder", f"data.root={small_tree}",
         f"paths.root_dir={tmp_path}", "data.num_workers=0", "data.batch_size=4",
         "model.scratch.widths=[8],[8,8,8,8,8,8]", "data.image_size=32,64", f"hydra.sweep.dir={sweep}", *QUIET,
         cwd=tmp_path,

@@ -17,7 +17,7 @@ from .conftest import SHARED_MINI
 
 
 def test_fast_dev_run_scratch_cnn(compose_train, image_folder: Path) -> None:
-    cfg = compose_train("model=scratch_baseline", "debug=fdr", "data.image_size=32", root=image_folder)
+    cfg = compose_train("experiment=scratch_baseline", "debug=fdr", "data.image_size=32", root=image_folder)
     _, metrics = train(cfg)
     assert 0.0 <= metrics["test/acc"] <= 1.0
 
@@ -32,7 +32,7 @@ def test_run_dir_has_checkpoint_events_config_and_metrics(
     compose_train, image_folder: Path, tmp_path: Path
 ) -> None:
     cfg = compose_train(
-        "model=scratch_baseline",
+        "experiment=scratch_baseline",
         "trainer.max_epochs=2",
         "optimizer.lr=3e-3",
         "model.scratch.widths=[8,16]",
@@ -75,7 +75,7 @@ def test_testing_through_onnxruntime_matches_torch(
     results = {}
     for engine in ("torch", "onnxruntime"):
         cfg = compose_train(
-            "model=scratch_baseline",
+            "experiment=scratch_baseline",
             "optimizer.lr=3e-3",
             "model.scratch.widths=[8,16]",
             f"+model.test_time_flip={test_time_flip}",
@@ -91,7 +91,7 @@ def test_testing_through_onnxruntime_matches_torch(
 
 
 def test_resume_continues_from_last_checkpoint(compose_train, image_folder: Path, tmp_path: Path) -> None:
-    common = ("model=scratch_baseline", "model.scratch.widths=[8]", "test=false")
+    common = ("experiment=scratch_baseline", "model.scratch.widths=[8]", "test=false")
     interrupted = tmp_path / "lightning_logs" / "runs" / "interrupted"
     train(
         compose_train(*common, "trainer.max_epochs=1", f"paths.output_dir={interrupted}", root=image_folder)
@@ -113,15 +113,15 @@ def test_resume_from_another_model_is_refused_clearly(
     compose_train, image_folder: Path, tmp_path: Path
 ) -> None:
     common = ("model.scratch.widths=[8]", "test=false", "trainer.max_epochs=1")
-    train(compose_train("model=scratch_baseline", *common, root=image_folder))
+    train(compose_train("experiment=scratch_baseline", *common, root=image_folder))
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
-    cfg = compose_train("model=scratch_large", "test=false", f"ckpt_path={last}", root=image_folder)
+    cfg = compose_train("experiment=scratch_large", "test=false", f"ckpt_path={last}", root=image_folder)
     with pytest.raises(ModelLoadError, match="model.scratch: checkpoint"):
         train(cfg)
 
 
 def test_missing_checkpoint_is_a_clear_error(compose_train, image_folder: Path) -> None:
-    cfg = compose_train("model=scratch_baseline", "ckpt_path=/nope/last.ckpt", root=image_folder)
+    cfg = compose_train("experiment=scratch_baseline", "ckpt_path=/nope/last.ckpt", root=image_folder)
     with pytest.raises(ConfigError, match="/nope/last.ckpt"):
         train(cfg)
 
@@ -134,7 +134,7 @@ def test_real_photos_smoke(compose_train) -> None:
         "debug=limit",
         "data.image_size=64",
         "trainer.max_epochs=2",
-        "finetune.stage1_epochs=1",
+        "callbacks.finetune.stage1_epochs=1",
         "data.max_per_class.test=4",
     )
     _, metrics = train(cfg)

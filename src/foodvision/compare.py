@@ -29,7 +29,9 @@ from foodvision.inference import (
     measure_throughput,
     resolve_precision,
 )
+from foodvision.recipe import finetune_settings, recipe_summary
 from foodvision.sweep import FAILED_FILE  # written by failing multirun trials
+from foodvision.tables import format_cell, markdown_table
 
 log = logging.getLogger(__name__)
 
@@ -114,28 +116,6 @@ def pick_checkpoint(run_dir: Path, metrics: dict[str, Any]) -> Path | None:
 
 
 # ---- one row -------------------------------------------------------------------------------------------
-def _recipe(config: Any) -> dict[str, Any]:
-    def get(key: str, default: Any = None) -> Any:
-        value = OmegaConf.select(config, key, default=default, throw_on_missing=False)
-        return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
-
-    model = get("model.name", "?")
-    if get("model.kind") == "scratch" and get("model.scratch.widths"):
-        model = f"{model}{list(get('model.scratch.widths'))}"
-    finetune = bool(get("finetune.enabled", False))
-    return {
-        "model": model,
-        "image_size": get("data.image_size"),
-        "lr": get("optimizer.lr"),
-        "epochs": get("trainer.max_epochs"),
-        "augment": get("augment.name", "none"),
-        "unfreeze": str(get("finetune.unfreeze", "none")) if finetune else "all (no freezing)",
-        "_finetune": finetune,
-        "_unfreeze": get("finetune.unfreeze", "none"),
-        "_train_bn": bool(get("finetune.train_bn", False)),
-    }
-
-
 def count_parameters(model: Any, finetune: bool, unfreeze: Any, train_bn: bool) -> tuple[int, int]:
     """Total parameters, and those the run's recipe trains: everything without fine-tuning, else the head
     plus the unfrozen blocks (their norm layers only with ``train_bn``), as ``TwoStageFinetuning`` does."""
@@ -193,8 +173,9 @@ def run_row(
     config = OmegaConf.load(config_file) if config_file is not None else None
     if config is None:
         problems.append("no config.yaml")
-    recipe = _recipe(config) if config is not None else {}
-    row.update({k: v for k, v in recipe.items() if not k.startswith("_")})
+    recipe = recipe_summary(config) if config is not None else {}
+    finetune = finetune_settings(config)
+    row.update(recipe)
     metrics = _read_json(run_dir / "metrics.json", problems)
     if not (run_dir / "metrics.json").is_file():
         problems.append("no metrics.json (failed, interrupted or still running)")
@@ -225,7 +206,10 @@ def run_row(
             if row.get("image_size") is None:
                 row["image_size"] = info.preprocessing.image_size
             row["params_total"], row["params_trainable"] = count_parameters(
-                model, recipe.get("_finetune", False), recipe.get("_unfreeze"), recipe.get("_train_bn", False)
+                model,
+                finetune is not None,
+                (finetune or {}).get("unfreeze", "none"),
+                bool((finetune or {}).get("train_bn", False)),
             )
             if throughput:
                 row["images_per_second"] = measure_throughput(
@@ -260,22 +244,6 @@ def rank_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 # ---- output --------------------------------------------------------------------------------------------
-def _cell(key: str, value: Any) -> str:
-    if value is None or value == "":
-        return "" if key in ("note", "checkpoint") else "-"
-    if key in ("train_acc", "val_acc", "test_acc", "test_f1_macro", "test_loss"):
-        return f"{value:.4f}"
-    if key in ("params_total", "params_trainable"):
-        return f"{value / 1e6:.2f}M" if value >= 1e5 else f"{value:,}"
-    if key == "checkpoint_mb":
-        return f"{value:.1f}"
-    if key in ("train_seconds", "images_per_second"):
-        return f"{value:.0f}" if value >= 10 else f"{value:.1f}"
-    if key == "lr":
-        return f"{value:g}"
-    return str(value)
-
-
 def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
     keys = [key for key, _ in COLUMNS]
     with path.open("w", newline="") as handle:
@@ -291,13 +259,8 @@ def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
             writer.writerow(values)
 
 
-def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
-    columns = [(k, title) for k, title in COLUMNS if k != "checkpoint"]
-    lines = ["| " + " | ".join(title for _, title in columns) + " |", "|" + "---|" * len(columns)]
-    for row in rows:
-        cells = [_cell(key, row.get(key)).replace("|", "\\|") for key, _ in columns]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+def leaderboard_table(rows: Sequence[dict[str, Any]]) -> str:
+    return markdown_table(rows, [(k, title) for k, title in COLUMNS if k != "checkpoint"])
 
 
 def _test_images(run_dir: Path) -> int | None:
@@ -326,7 +289,7 @@ def recommendation(rows: Sequence[dict[str, Any]]) -> str:
         if row.get("test_f1_macro") is not None:
             parts.append(f"macro F1 {row['test_f1_macro']:.3f}")
         if row.get("params_total"):
-            parts.append(f"{_cell('params_total', row['params_total'])} parameters")
+            parts.append(f"{format_cell('params_total', row['params_total'])} parameters")
         if row.get("checkpoint_mb"):
             parts.append(f"a {row['checkpoint_mb']:.1f} MB checkpoint")
         if row.get("train_seconds") is not None:
@@ -366,7 +329,7 @@ def recommendation(rows: Sequence[dict[str, Any]]) -> str:
         best.get("params_total") or 0
     ):
         alternatives.append(
-            f"for size, `{smallest['run']}` has {_cell('params_total', smallest['params_total'])} parameters "
+            f"for size, `{smallest['run']}` has {format_cell('params_total', smallest['params_total'])} parameters "
             f"({_points(best['test_acc'] - smallest['test_acc'])} less accuracy)"
         )
     quickest = min(done, key=lambda r: r["train_seconds"] if r.get("train_seconds") is not None else math.inf)
@@ -390,7 +353,7 @@ def write_markdown(
     text = (
         "# Leaderboard\n\n"
         f"Runs from: {', '.join(sources)}. Sorted by test accuracy; {throughput_note}\n\n"
-        f"{markdown_table(rows)}\n\n## Recommendation\n\n{recommendation(rows)}\n"
+        f"{leaderboard_table(rows)}\n\n## Recommendation\n\n{recommendation(rows)}\n"
     )
     path.write_text(text)
     return text
@@ -410,7 +373,7 @@ def write_html(
         status = row.get("status", "ok")
         cells = "".join(
             f'<td data-key="{key}"{number if isinstance(row.get(key), (int, float)) else ""}>'
-            f"{esc(_cell(key, row.get(key)))}</td>"
+            f"{esc(format_cell(key, row.get(key)))}</td>"
             for key, _ in columns
         )
         lines.append(f'<tr data-status="{esc(status)}">{cells}</tr>')

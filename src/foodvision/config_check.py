@@ -1,7 +1,7 @@
 """Config values checked when a command starts, with errors that name the key and what it accepts.
 
 Without this, ``trainer.max_epochs=0`` "trained" and wrote metrics of an untrained model, a negative image
-size failed at the first batch in torch's words, and ``finetune.stage1_epochs >= trainer.max_epochs``
+size failed at the first batch in torch's words, and ``callbacks.finetune.stage1_epochs >= trainer.max_epochs``
 silently never reached stage 2.
 """
 
@@ -43,10 +43,10 @@ TRAIN_RULES: tuple[Rule, ...] = (
     ("optimizer.weight_decay", lambda v: _number(v) and v >= 0, "a number >= 0", True),
     ("label_smoothing", lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)", True),
     ("model.head.dropout", lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)", True),
-    ("finetune.stage1_epochs", lambda v: _is_int(v) and v >= 0, "an integer >= 0, or null", True),
-    ("finetune.patience", lambda v: _is_int(v) and v >= 1, "an integer >= 1, or null", True),
-    ("finetune.lr_factor", lambda v: _number(v) and v > 0, "a number > 0", True),
-    ("finetune.warmup_epochs", lambda v: _number(v) and v >= 0, "a number >= 0", True),
+    ("optimizer.backbone_lr_factor", lambda v: _number(v) and v > 0, "a number > 0", True),
+    ("callbacks.finetune.stage1_epochs", lambda v: _is_int(v) and v >= 0, "an integer >= 0, or null", True),
+    ("callbacks.finetune.patience", lambda v: _is_int(v) and v >= 1, "an integer >= 1, or null", True),
+    ("scheduler.warmup_epochs", lambda v: _number(v) and v >= 0, "a number >= 0", True),
 )
 
 _ABSENT = object()
@@ -68,10 +68,16 @@ def check_values(cfg: DictConfig, rules: tuple[Rule, ...]) -> None:
 def check_train_config(cfg: DictConfig) -> None:
     """What ``train.py`` refuses before doing any work."""
     check_values(cfg, TRAIN_RULES)
-    finetune = cfg.get("finetune") or {}
+    finetune = OmegaConf.select(cfg, "callbacks.finetune", default=None) or {}
+    if finetune and OmegaConf.select(cfg, "model.kind", default=None) == "scratch":
+        raise ConfigError(
+            f"callbacks.finetune freezes a pretrained backbone, but model.name={cfg.model.get('name')} is a "
+            "scratch CNN with nothing pretrained to freeze. Train it with its recipe "
+            "(e.g. experiment=scratch_baseline), or drop the callback: callbacks.finetune=null"
+        )
     quick = bool(OmegaConf.select(cfg, "trainer.fast_dev_run", default=False))  # one batch of each stage
     if (
-        finetune.get("enabled")
+        finetune
         and str(finetune.get("unfreeze")).lower() not in ("none", "null", "0")
         and finetune.get("patience") is None  # with patience, stage 1 may end earlier
         and not quick
@@ -79,8 +85,8 @@ def check_train_config(cfg: DictConfig) -> None:
         stage1, epochs = finetune.get("stage1_epochs"), cfg.trainer.max_epochs
         if stage1 is not None and stage1 >= epochs:
             raise ConfigError(
-                f"finetune.stage1_epochs={stage1} >= trainer.max_epochs={epochs}: stage 2 "
-                f"(finetune.unfreeze={finetune.get('unfreeze')}) would never start. Set trainer.max_epochs "
-                f"above {stage1}, lower finetune.stage1_epochs, or set finetune.unfreeze=none for a frozen "
-                "backbone only"
+                f"callbacks.finetune.stage1_epochs={stage1} >= trainer.max_epochs={epochs}: stage 2 "
+                f"(callbacks.finetune.unfreeze={finetune.get('unfreeze')}) would never start. Set "
+                f"trainer.max_epochs above {stage1}, lower callbacks.finetune.stage1_epochs, or set "
+                "callbacks.finetune.unfreeze=none for a frozen backbone only"
             )

@@ -62,7 +62,6 @@ class LitClassifier(L.LightningModule):
         optimizer: dict[str, Any] | None = None,
         scheduler: dict[str, Any] | None = None,
         label_smoothing: float = 0.0,
-        backbone_lr_factor: float = 1.0,
         channels_last: bool = True,
         max_epochs: int | None = None,
         class_weights: str | Sequence[float] | None = None,
@@ -167,19 +166,20 @@ class LitClassifier(L.LightningModule):
 
     # ---- optimisation ----------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
-        """Two parameter groups from the start: the head at ``lr`` and the backbone at
-        ``lr * backbone_lr_factor``. Frozen parameters have no gradient, so the optimizer skips them;
+        """Two parameter groups from the start: the head at ``optimizer.lr`` and the backbone at
+        ``lr * optimizer.backbone_lr_factor`` (the one owner of that ratio). Frozen parameters have no gradient, so the optimizer skips them;
         unfreezing later therefore needs no new group and the scheduler sees every group throughout.
         """
         cfg = dict(self.hparams.optimizer or {})
         name = cfg.pop("name", "adamw").lower()
         lr = float(cfg.pop("lr", 1e-3))
         weight_decay = float(cfg.pop("weight_decay", 0.0))
+        backbone_lr_factor = float(cfg.pop("backbone_lr_factor", 1.0))
         groups = [
             {"params": list(self.net.head.parameters()), "lr": lr, "name": "head"},
             {
                 "params": list(self.net.backbone.parameters()),
-                "lr": lr * self.hparams.backbone_lr_factor,
+                "lr": lr * backbone_lr_factor,
                 "name": "backbone",
             },
         ]
@@ -208,9 +208,14 @@ class LitClassifier(L.LightningModule):
                 optimizer, T_max=epochs, eta_min=cfg.get("min_lr", 0.0)
             )
             return {"scheduler": sched, "interval": "epoch"}
+        if name == "stage2":  # fine-tuning recipes: base rates in stage 1, warm-up + decay from stage 2
+            from foodvision.schedules import Stage2Schedule
+
+            sched = Stage2Schedule(optimizer, cfg.get("warmup_epochs", 0.0), cfg.get("decay", "cosine"))
+            return {"scheduler": sched, "interval": "step"}
         if name == "plateau":
             sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
                 optimizer, mode="min", factor=cfg.get("factor", 0.5), patience=cfg.get("patience", 2)
             )
             return {"scheduler": sched, "monitor": "val/loss", "interval": "epoch"}
-        raise ValueError(f"scheduler.name must be none, cosine or plateau, got {name!r}")
+        raise ValueError(f"scheduler.name must be none, cosine, stage2 or plateau, got {name!r}")

@@ -32,6 +32,9 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from foodvision.recipe import recipe_summary
+from foodvision.tables import markdown_table
+
 log = logging.getLogger(__name__)
 
 FAILED_FILE = "failed.json"
@@ -164,14 +167,6 @@ def leaderboard_columns() -> list[str]:
     return [key for key, _ in LEADERBOARD if key not in ("rank", "run", "status", "images_per_second")]
 
 
-def _model_name(cfg: DictConfig | None) -> str | None:
-    """``model.name``, with the conv widths for scratch CNNs (as the compare leaderboard names them)."""
-    name, widths = _select(cfg, "model.name"), _select(cfg, "model.scratch.widths")
-    if _select(cfg, "model.kind") == "scratch" and widths:
-        return f"{name}{list(widths)}"
-    return name
-
-
 def trial_row(trial_dir: str | Path, sweep_dir: str | Path | None = None) -> dict[str, Any]:
     """One summary row: the trial's number, status, overrides, and the leaderboard columns of
     ``python compare.py`` (recipe, accuracies, loss, F1, parameters, checkpoint size, training time)."""
@@ -184,17 +179,13 @@ def trial_row(trial_dir: str | Path, sweep_dir: str | Path | None = None) -> dic
     failure = _load_json(trial_dir / FAILED_FILE) if (trial_dir / FAILED_FILE).is_file() else None
     metrics = _load_json(trial_dir / METRICS_FILE)
     status = "failed" if failure is not None else ("ok" if metrics else "incomplete")
-    finetune = bool(_select(cfg, "finetune.enabled"))
+    recipe = recipe_summary(cfg)
     row: dict[str, Any] = {
         "trial": number if number is not None else trial_dir.name,
         "status": status,
         "overrides": " ".join(overrides),
         "_overrides": overrides,
-        "model": _model_name(cfg),
-        "lr": _select(cfg, "optimizer.lr"),
-        "epochs": _select(cfg, "trainer.max_epochs"),
-        "augment": _select(cfg, "augment.name"),
-        "unfreeze": str(_select(cfg, "finetune.unfreeze")) if finetune else "all (no freezing)",
+        **{column: recipe[column] for column in SETTING_COLUMNS},
     }
     row.update({column: metrics.get(key) for key, column in METRIC_COLUMNS_FROM.items()})
     leaderboard = _leaderboard_row(trial_dir) if failure is None else None
@@ -221,29 +212,6 @@ def sweep_rows(sweep_dir: str | Path, cache: dict[str, dict[str, Any]] | None = 
                 cache[key] = row
         rows.append(row)
     return rows
-
-
-def _cell(value: Any, column: str) -> str:
-    if value is None:
-        return ""
-    if column in ("params_total", "params_trainable") and isinstance(value, (int, float)):
-        return f"{value / 1e6:.2f}M" if value >= 1e5 else f"{value:,}"
-    if isinstance(value, float):
-        if column == "lr" or 0 < abs(value) < 1e-3:
-            return f"{value:.3g}"
-        return f"{value:.1f}" if column.endswith(("seconds", "_mb")) else f"{value:.4f}"
-    return str(value)
-
-
-def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
-    def line(cells: Sequence[str]) -> str:
-        return "| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |"
-
-    out = [line(columns), line(["---"] * len(columns))]
-    out += [
-        line([_cell(r.get(c), c)[: 160 if c in ("error", "note") else None] for c in columns]) for r in rows
-    ]
-    return "\n".join(out)
 
 
 def _columns(rows: Sequence[dict[str, Any]]) -> list[str]:
@@ -282,7 +250,7 @@ def write_sweep_summary(
     ]
     if common:
         header += "\n\nevery trial: `" + " ".join(common) + "`"
-    table = markdown_table(shown, [c for c in columns if c != "checkpoint"])
+    table = markdown_table(shown, [c for c in columns if c != "checkpoint"], missing="")
     md_path.write_text(f"{header}\n\n{table}\n")
     return csv_path, md_path, table
 

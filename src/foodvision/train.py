@@ -17,8 +17,6 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from foodvision.callbacks.feature_cache import FeatureCache
-from foodvision.callbacks.finetune import TwoStageFinetuning
 from foodvision.cli import EXPECTED_ERRORS
 from foodvision.config_check import ConfigError, check_train_config
 from foodvision.data.datamodule import FoodDataModule
@@ -26,6 +24,7 @@ from foodvision.data.sources import default_food101_root
 from foodvision.hardware import auto_precision
 from foodvision.inference import ModelLoadError, read_checkpoint
 from foodvision.module import LitClassifier
+from foodvision.recipe import recipe_summary
 from foodvision.sweep import run_trial
 
 log = logging.getLogger(__name__)
@@ -117,36 +116,12 @@ def check_resumable(ckpt_path: str, module: LitClassifier) -> None:
 
 
 def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
-    callbacks = [
-        hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c and "_target_" in c
+    """Every ``callbacks.<name>`` with a ``_target_`` (conf/callbacks/*.yaml), in config order."""
+    return [
+        hydra.utils.instantiate(c, _convert_="all")
+        for c in (cfg.get("callbacks") or {}).values()
+        if c and "_target_" in c
     ]
-    if cfg.finetune.enabled:
-        ft = cfg.finetune
-        callbacks.append(
-            TwoStageFinetuning(
-                ft.stage1_epochs,
-                ft.unfreeze,
-                ft.train_bn,
-                ft.patience,
-                lr_factor=ft.lr_factor,
-                schedule=ft.get("schedule", "constant"),
-                warmup_epochs=ft.get("warmup_epochs", 0.0),
-            )
-        )
-        fc = cfg.feature_cache
-        callbacks.append(
-            FeatureCache(
-                fc.enabled,
-                fc.cache_dir,
-                fc.get("prefix", True),
-                fc.get("flip", False),
-                views=fc.get("views", 0),
-                view_augment=OmegaConf.to_container(fc.view_augment) if fc.get("view_augment") else None,
-                engine=fc.get("engine", "auto"),
-                seed=cfg.seed,
-            )
-        )
-    return callbacks
 
 
 def build_module(cfg: DictConfig, datamodule: FoodDataModule) -> LitClassifier:
@@ -160,7 +135,6 @@ def build_module(cfg: DictConfig, datamodule: FoodDataModule) -> LitClassifier:
         optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
         scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True),
         label_smoothing=cfg.label_smoothing,
-        backbone_lr_factor=cfg.finetune.lr_factor if cfg.finetune.enabled else 1.0,
         channels_last=cfg.channels_last,
         max_epochs=cfg.trainer.max_epochs,
         class_weights=class_weights,
@@ -290,13 +264,8 @@ def test_best_checkpoint(cfg: DictConfig, trainer: L.Trainer, run_dir: Path) -> 
 
 def _flat_hparams(cfg: DictConfig, datamodule: FoodDataModule, module: LitClassifier) -> dict[str, Any]:
     flat = {
-        "model": cfg.model.get("name"),
-        "lr": cfg.optimizer.lr,
+        **recipe_summary(cfg),
         "optimizer": cfg.optimizer.name,
-        "epochs": cfg.trainer.max_epochs,
-        "augment": cfg.augment.name,
-        "unfreeze": str(cfg.finetune.unfreeze) if cfg.finetune.enabled else "all (no freezing)",
-        "image_size": cfg.data.image_size,
         "batch_size": cfg.data.batch_size,
         "num_classes": datamodule.num_classes,
         "classes": ",".join(datamodule.classes),

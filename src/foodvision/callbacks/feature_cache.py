@@ -281,7 +281,7 @@ class FeatureCache(Callback):
         if stage == 1:
             if self.enabled == "auto" and datamodule.augmented:
                 log.info(
-                    "feature cache off: training images are augmented (feature_cache.enabled=true forces it)"
+                    "feature cache off: training images are augmented (callbacks.feature_cache.enabled=true forces it)"
                 )
                 return
             for split in ("train", "val"):

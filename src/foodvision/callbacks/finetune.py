@@ -10,10 +10,9 @@ epoch (Lightning #21901) and adds optimizer groups mid-run (schedulers miss them
   parameters just have no gradient, so nothing about the optimizer or scheduler changes at the switch;
 * frozen normalisation layers are put in eval mode at the start of every training epoch, so neither
   their affine weights nor their running mean/variance move;
-* optionally (``schedule=cosine``) stage 2 has its own learning-rate schedule: a linear warm-up over
-  ``warmup_epochs`` (fresh Adam moments of newly unfrozen weights otherwise take full-size steps: the
-  accuracy dip after the switch) and a cosine decay to zero at the last epoch, as a function of the
-  epoch and batch, so a resumed run continues it exactly;
+* the learning rates are not this callback's: the module's optimizer sets the groups' rates and the
+  configured scheduler changes them; with ``scheduler=stage2`` (:class:`foodvision.schedules.Stage2Schedule`)
+  this callback tells the scheduler when stage 2 starts (warm-up and decay begin there);
 * under DDP the wrapper is rebuilt at the switch, so the gradients of newly unfrozen parameters are
   all-reduced (DDP registers only parameters that require grad when it wraps the model; #20340).
 """
@@ -29,6 +28,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from foodvision.models.classifier import BlockGroup
+from foodvision.schedules import Stage2Schedule
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +48,14 @@ def select_groups(groups: list[BlockGroup], unfreeze: str | int | None) -> list[
     if isinstance(unfreeze, int) or str(unfreeze).isdigit():
         count = int(unfreeze)
         if count > len(groups):
-            raise ValueError(f"finetune.unfreeze={count} but the backbone has only {len(groups)} blocks")
+            raise ValueError(
+                f"callbacks.finetune.unfreeze={count} but the backbone has only {len(groups)} blocks"
+            )
         return groups[len(groups) - count :]
     names = [g.name for g in groups]
     if unfreeze not in names:
         raise ValueError(
-            f"finetune.unfreeze={unfreeze!r} is not a block of this backbone; blocks are {names}"
+            f"callbacks.finetune.unfreeze={unfreeze!r} is not a block of this backbone; blocks are {names}"
         )
     return groups[names.index(str(unfreeze)) :]
 
@@ -63,7 +65,8 @@ class TwoStageFinetuning(Callback):
 
     Stage 1 ends after ``stage1_epochs`` epochs, or, with ``patience`` set, earlier when ``monitor``
     has not improved for ``patience`` epochs. ``unfreeze='none'`` keeps the backbone frozen throughout.
-    The learning rate of the backbone is ``lr * lr_factor`` (set on the module's backbone group).
+    The backbone's learning rate is the module's (``optimizer.backbone_lr_factor``), its schedule the
+    scheduler's.
     """
 
     def __init__(
@@ -73,23 +76,17 @@ class TwoStageFinetuning(Callback):
         train_bn: bool = False,
         patience: int | None = None,
         monitor: str = "val/loss",
-        lr_factor: float = 0.1,
-        schedule: str = "constant",
-        warmup_epochs: float = 0.0,
     ):
         super().__init__()
-        if schedule not in ("constant", "cosine"):
-            raise ValueError(f"finetune.schedule must be constant or cosine, got {schedule!r}")
         if stage1_epochs is None and patience is None and unfreeze not in (None, "none"):
-            raise ValueError("set finetune.stage1_epochs or finetune.patience to say when stage 2 starts")
+            raise ValueError(
+                "set callbacks.finetune.stage1_epochs or callbacks.finetune.patience to say when stage 2 starts"
+            )
         self.stage1_epochs = stage1_epochs
         self.unfreeze = unfreeze
         self.train_bn = train_bn
         self.patience = patience
         self.monitor = monitor
-        self.lr_factor = lr_factor
-        self.schedule = schedule
-        self.warmup_epochs = float(warmup_epochs)
         self.switch_epoch: int | None = None if unfreeze in (None, "none", 0, "0") else stage1_epochs
         self._best: float | None = None
         self._bad_epochs = 0
@@ -118,10 +115,11 @@ class TwoStageFinetuning(Callback):
             for n, m in norm_layers(backbone)
             for p, _ in m.named_parameters(recurse=False)
         }
-        self.apply(pl_module, self.stage_at(trainer.current_epoch))
+        self.apply(pl_module, self.stage_at(trainer.current_epoch), trainer)
 
-    def apply(self, pl_module: L.LightningModule, stage: int) -> None:
-        """Set ``requires_grad`` and norm-layer modes of the backbone for ``stage``."""
+    def apply(self, pl_module: L.LightningModule, stage: int, trainer: L.Trainer | None = None) -> None:
+        """Set ``requires_grad`` and norm-layer modes of the backbone for ``stage`` (reported to ``trainer``'s
+        logger when it changes)."""
         backbone = pl_module.net.backbone
         for name, parameter in backbone.named_parameters():
             parameter.requires_grad_(self._trains(name, stage))
@@ -135,14 +133,14 @@ class TwoStageFinetuning(Callback):
                 module.train()
         if stage != self._applied_stage:
             self._applied_stage = stage
-            self._report(pl_module, stage)
+            self._report(pl_module, stage, trainer)
 
     def _trains(self, name: str, stage: int) -> bool:
         if stage == 1 or name not in self._stage2_params:
             return False
         return self.train_bn or name not in self._norm_params
 
-    def _report(self, pl_module: L.LightningModule, stage: int) -> None:
+    def _report(self, pl_module: L.LightningModule, stage: int, trainer: L.Trainer | None) -> None:
         net = pl_module.net
         backbone_total = sum(p.numel() for p in net.backbone.parameters())
         backbone_trainable = sum(p.numel() for p in net.backbone.parameters() if p.requires_grad)
@@ -158,56 +156,28 @@ class TwoStageFinetuning(Callback):
             f"  frozen norm layers in eval mode: {frozen_norms}/{len(norms)}"
         )
         log.info(table)
-        if pl_module._trainer is not None and pl_module.trainer.logger is not None:
-            pl_module.trainer.logger.log_metrics(
+        if trainer is not None and trainer.logger is not None:
+            trainer.logger.log_metrics(
                 {
                     "finetune/stage": stage,
                     "finetune/trainable_params": backbone_trainable + head_total,
                     "finetune/frozen_params": backbone_total - backbone_trainable,
                 },
-                step=pl_module.trainer.global_step,
+                step=trainer.global_step,
             )
 
     # ---- hooks ------------------------------------------------------------------------------
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if (self.schedule != "constant" or self.warmup_epochs > 0) and trainer.lr_scheduler_configs:
-            raise ValueError(
-                "finetune.schedule/warmup_epochs set stage 2's learning rate themselves; "
-                "use scheduler=none with them (two schedules would overwrite each other)"
-            )
-        self.apply(pl_module, self.stage_at(self.first_epoch(trainer)))
+        self.apply(pl_module, self.stage_at(self.first_epoch(trainer)), trainer)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         stage = self.stage_at(trainer.current_epoch)
         switching = stage != self._applied_stage
-        self.apply(pl_module, stage)
+        self.apply(pl_module, stage, trainer)
+        if stage == 2:
+            start_stage2_schedules(trainer)
         if switching and trainer.world_size > 1:
             rewrap_ddp(trainer)
-
-    def stage2_lr_scale(self, epoch: int, batch: int, batches: int, max_epochs: int) -> float:
-        """Multiplier of every group's learning rate at ``batch`` of ``epoch`` (1.0 in stage 1)."""
-        if self.switch_epoch is None or epoch < self.switch_epoch:
-            return 1.0
-        progress = epoch - self.switch_epoch + batch / max(1, batches)  # epochs into stage 2
-        total = max(1, max_epochs - self.switch_epoch)
-        scale = 1.0
-        if self.warmup_epochs > 0:
-            scale = min(1.0, (progress + 1 / max(1, batches)) / self.warmup_epochs)
-        if self.schedule == "cosine":
-            scale *= 0.5 * (1 + math.cos(math.pi * min(1.0, progress / total)))
-        return scale
-
-    def on_train_batch_start(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        if self.schedule == "constant" and self.warmup_epochs <= 0:
-            return
-        batches = int(trainer.num_training_batches) if math.isfinite(trainer.num_training_batches) else 1
-        scale = self.stage2_lr_scale(trainer.current_epoch, batch_idx, batches, int(trainer.max_epochs or 1))
-        for optimizer in trainer.optimizers:
-            for group in optimizer.param_groups:
-                group.setdefault("base_lr", group["lr"])  # saved with the optimizer: resumes keep it
-                group["lr"] = group["base_lr"] * scale
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """With ``patience``, end stage 1 once ``monitor`` stops improving."""
@@ -255,11 +225,22 @@ class TwoStageFinetuning(Callback):
         self._bad_epochs = state_dict.get("bad_epochs", 0)
 
 
+def start_stage2_schedules(trainer: L.Trainer) -> None:
+    """Tell every :class:`Stage2Schedule` of the trainer that stage 2 runs (a no-op once it knows)."""
+    batches = trainer.num_training_batches
+    per_epoch = (batches if math.isfinite(batches) else 1) / max(1, trainer.accumulate_grad_batches)
+    for config in trainer.lr_scheduler_configs:
+        if isinstance(config.scheduler, Stage2Schedule):
+            config.scheduler.start_stage2(per_epoch, math.ceil(per_epoch * int(trainer.max_epochs or 1)))
+
+
 def rewrap_ddp(trainer: L.Trainer) -> None:
-    """Wrap the module in a new DistributedDataParallel so it registers the newly trainable parameters."""
-    from torch.nn.parallel import DistributedDataParallel
+    """Wrap the module in a new DistributedDataParallel so it registers the newly trainable parameters:
+    the strategy's public ``configure_ddp`` wraps ``strategy.model``, set back to the bare module first."""
+    from lightning.pytorch.strategies import DDPStrategy
 
     strategy = trainer.strategy
-    if isinstance(strategy.model, DistributedDataParallel) and hasattr(strategy, "_setup_model"):
-        strategy.model = strategy._setup_model(strategy.model.module)
+    if isinstance(strategy, DDPStrategy) and strategy.model is not strategy.lightning_module:
+        strategy.model = strategy.lightning_module
+        strategy.configure_ddp()
         log.info("re-wrapped the model in DDP after unfreezing")
