@@ -14,8 +14,9 @@ import torch
 from torch import nn
 
 from foodvision.cli import run_tool
+from foodvision.errors import ClassMismatchError, ModelLoadError, ToolError
 from foodvision.evaluate import classification_metrics, evaluate
-from foodvision.inference import ClassMismatchError, ModelLoadError, Predictor, ToolError
+from foodvision.inference import Predictor
 
 from .conftest import TinyRun, compose_tool, make_class_tree
 

@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from foodvision.checkpoints import META_KEY, load_checkpoint_model, quiet_jit
+from foodvision.errors import ModelLoadError
 from foodvision.export import export
-from foodvision.inference import META_KEY, ModelLoadError, Predictor, load_checkpoint_model, quiet_jit
+from foodvision.inference import Predictor
 from foodvision.predict import predict
 
 from .conftest import TinyRun, compose_tool

@@ -14,10 +14,11 @@ import pytest
 import torch
 from PIL import Image
 
+from foodvision.checkpoints import read_checkpoint
 from foodvision.config_check import ConfigError
 from foodvision.data.images import BadImageError, load_rgb
 from foodvision.data.verify import BadImagesError, find_bad_images
-from foodvision.inference import ModelLoadError, read_checkpoint
+from foodvision.errors import ModelLoadError
 from foodvision.train import train
 
 from .conftest import ROOT, make_class_tree

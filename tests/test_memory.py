@@ -18,8 +18,10 @@ from torch import nn
 from foodvision import engine
 from foodvision.callbacks.feature_cache import COMPACT_MAPS_DTYPE, extract_features
 from foodvision.data.cached import CachedInputs
+from foodvision.errors import ToolError
 from foodvision.evaluate import classification_metrics, confusion_matrix, evaluate
-from foodvision.inference import Predictor, ToolError, infer_files
+from foodvision.image_batches import infer_files
+from foodvision.inference import Predictor
 from foodvision.predict import PredictionWriter, collect_inputs, predict, write_output
 
 from .conftest import TinyRun, compose_tool

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from foodvision.checkpoints import load_checkpoint_model
 from foodvision.compare import compare
 from foodvision.evaluate import evaluate
 from foodvision.export import export
-from foodvision.inference import load_checkpoint_model
 from foodvision.models.classifier import build_classifier
 from foodvision.report import cam_target_layer
 
@@ -214,7 +214,7 @@ def test_report_draws_gradcam_with_the_model_eval_holds(
     """No second copy of the model for Grad-CAM: eval's predictor's PyTorch model is used (also behind ONNX
     Runtime), and left as it was."""
     pytest.importorskip("pytorch_grad_cam")
-    import foodvision.inference
+    import foodvision.checkpoints
     from foodvision.inference import Predictor
     from foodvision.report import gradcam_overlays, pick_samples
 
@@ -224,7 +224,7 @@ def test_report_draws_gradcam_with_the_model_eval_holds(
     def no_second_copy(*_args: object, **_kwargs: object) -> None:
         raise AssertionError("Grad-CAM loaded the checkpoint a second time")
 
-    monkeypatch.setattr(foodvision.inference, "load_checkpoint_model", no_second_copy)
+    monkeypatch.setattr(foodvision.checkpoints, "load_checkpoint_model", no_second_copy)
     samples = pick_samples(
         read_csv(evaluated / "predictions.csv"), read_csv(evaluated / "most_confident_wrong.csv"), 2
     )

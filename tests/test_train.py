@@ -10,7 +10,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from foodvision.config_check import ConfigError
-from foodvision.inference import ModelLoadError
+from foodvision.errors import ModelLoadError
 from foodvision.train import train
 
 from .conftest import SHARED_MINI

@@ -21,7 +21,8 @@ from typing import Any
 from omegaconf import DictConfig
 
 from foodvision import app_template
-from foodvision.inference import ModelInfo, ToolError, run_dir_of
+from foodvision.checkpoints import ModelInfo, run_dir_of
+from foodvision.errors import ToolError
 
 log = logging.getLogger(__name__)
 
@@ -133,8 +134,8 @@ holds the class names and the preprocessing (shorter side to {info.preprocessing
 
 def export_app(cfg: DictConfig, ckpt_path: Path, output: Path) -> dict[str, Any]:
     """Write the app folder; returns what export.py prints and returns."""
+    from foodvision.checkpoints import load_checkpoint_model
     from foodvision.export import check_export, export_onnx
-    from foodvision.inference import load_checkpoint_model
     from foodvision.serve import example_name, example_photos
 
     model, info, checkpoint = load_checkpoint_model(ckpt_path)

@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from foodvision.data.images import BadImageError
 from foodvision.data.sources import DataLayoutError
-from foodvision.inference import ToolError
+from foodvision.errors import ToolError
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 EXPECTED_ERRORS = (ToolError, DataLayoutError, BadImageError)

@@ -21,14 +21,10 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from foodvision.checkpoints import load_checkpoint_model
 from foodvision.cli import CONFIG_DIR, required, run_tool
-from foodvision.inference import (
-    ModelLoadError,
-    ToolError,
-    load_checkpoint_model,
-    measure_throughput,
-    resolve_precision,
-)
+from foodvision.errors import ModelLoadError, ToolError
+from foodvision.inference import measure_throughput, resolve_precision
 from foodvision.recipe import finetune_settings, recipe_summary
 from foodvision.sweep import FAILED_FILE  # written by failing multirun trials
 from foodvision.tables import format_cell, markdown_table

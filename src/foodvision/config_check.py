@@ -12,7 +12,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from foodvision.inference import ToolError
+from foodvision.errors import ToolError
 
 
 class ConfigError(ToolError):

@@ -23,18 +23,14 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from foodvision.checkpoints import run_dir_of
 from foodvision.cli import CONFIG_DIR, required, run_tool
 from foodvision.data.datamodule import FoodDataModule
 from foodvision.data.images import load_rgb
 from foodvision.data.splits import SPLITS
-from foodvision.inference import (
-    ClassMismatchError,
-    Stream,
-    ToolError,
-    predictor_from_config,
-    run_dir_of,
-    stream_files,
-)
+from foodvision.errors import ClassMismatchError, ToolError
+from foodvision.image_batches import Stream, stream_files
+from foodvision.inference import predictor_from_config
 from foodvision.reporting import confusion_figure, plt, save_figure
 
 log = logging.getLogger(__name__)

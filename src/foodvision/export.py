@@ -20,17 +20,17 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from foodvision.cli import CONFIG_DIR, required, run_tool
-from foodvision.inference import (
+from foodvision.checkpoints import (
     META_KEY,
     ModelInfo,
-    Predictor,
-    ToolError,
     export_metadata,
     load_checkpoint_model,
     quiet_jit,
     run_dir_of,
 )
+from foodvision.cli import CONFIG_DIR, required, run_tool
+from foodvision.errors import ToolError
+from foodvision.inference import Predictor
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,9 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from foodvision.cli import CONFIG_DIR, EXPECTED_ERRORS, required
 from foodvision.config_check import ConfigError
 from foodvision.data.images import IMAGE_EXTENSIONS, is_image_file
-from foodvision.inference import Stream, ToolError, predictor_from_config, stream_files
+from foodvision.errors import ToolError
+from foodvision.image_batches import Stream, stream_files
+from foodvision.inference import predictor_from_config
 
 log = logging.getLogger(__name__)
 

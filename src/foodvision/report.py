@@ -190,7 +190,7 @@ def _cam_model(checkpoint: Path, predictor: Any = None) -> tuple[Any, Any]:
         and all(p.device.type == "cpu" and p.dtype == torch.float32 for p in model.parameters())
     ):
         return model, predictor.info
-    from foodvision.inference import load_checkpoint_model
+    from foodvision.checkpoints import load_checkpoint_model
 
     model, info, _ = load_checkpoint_model(checkpoint)
     return model.float(), info

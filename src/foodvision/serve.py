@@ -24,8 +24,11 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
+from foodvision.checkpoints import run_dir_of
 from foodvision.cli import CONFIG_DIR, required, run_tool
-from foodvision.inference import Predictor, ToolError, infer_files, resolve_device, run_dir_of
+from foodvision.errors import ToolError
+from foodvision.image_batches import infer_files
+from foodvision.inference import Predictor, resolve_device
 
 log = logging.getLogger(__name__)
 

@@ -17,12 +17,13 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from foodvision.checkpoints import read_checkpoint
 from foodvision.cli import EXPECTED_ERRORS
 from foodvision.config_check import ConfigError, check_train_config
 from foodvision.data.datamodule import FoodDataModule
 from foodvision.data.sources import default_food101_root
+from foodvision.errors import ModelLoadError
 from foodvision.hardware import auto_precision
-from foodvision.inference import ModelLoadError, read_checkpoint
 from foodvision.module import LitClassifier
 from foodvision.recipe import recipe_summary
 from foodvision.sweep import run_trial

@@ -1,0 +1,282 @@
+"""Trained models on disk: Lightning checkpoints and exported TorchScript/ONNX files, and the metadata they all
+carry (:class:`ModelInfo`: class names, preprocessing, architecture), so inference never needs the training
+config or data. Checkpoints are read with ``weights_only=True``: nothing in them is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import re
+import warnings
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from foodvision.data.transforms import Preprocessing
+from foodvision.engine import (
+    session_options,
+)
+from foodvision.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+META_KEY = "foodvision.json"  # TorchScript extra file and ONNX metadata_props key holding ModelInfo as JSON
+METADATA_VERSION = 1
+CHECKPOINT_SUFFIXES = (".ckpt",)
+TORCHSCRIPT_SUFFIXES = (".pt", ".pth", ".torchscript", ".ts")
+ONNX_SUFFIXES = (".onnx",)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What inference needs besides the weights; saved in checkpoints (``checkpoint['foodvision']``)
+    and in exported files."""
+
+    class_names: list[str]
+    preprocessing: Preprocessing
+    model: dict[str, Any] = field(default_factory=dict)
+    weights_source: str = ""
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def architecture(self) -> str:
+        name = self.model.get("name", "?")
+        if self.model.get("kind") == "scratch":
+            widths = (self.model.get("scratch") or {}).get("widths")
+            return f"{name}{list(widths)}" if widths else str(name)
+        return str(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "class_names": list(self.class_names),
+            "preprocessing": self.preprocessing.to_dict(),
+            "model": dict(self.model),
+            "weights_source": self.weights_source,
+        }
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], where: str | Path) -> ModelInfo:
+        try:
+            names = [str(n) for n in values["class_names"]]
+            preprocessing = Preprocessing.from_dict(values["preprocessing"])
+        except (KeyError, TypeError, ValueError) as error:
+            raise ModelLoadError(
+                f"{where}: the foodvision metadata is incomplete or damaged ({error!r})"
+            ) from error
+        if not names:
+            raise ModelLoadError(f"{where}: the foodvision metadata lists no classes")
+        return cls(
+            names, preprocessing, dict(values.get("model") or {}), str(values.get("weights_source", ""))
+        )
+
+
+# ---- checkpoints ---------------------------------------------------------------------------------------
+def require_file(path: str | Path | None, what: str = "checkpoint") -> Path:
+    if path is None or str(path) in ("", "???"):
+        raise ModelLoadError(
+            f"no {what} given: pass ckpt_path=/path/to/model.ckpt (or an exported .pt/.onnx file)"
+        )
+    resolved = Path(str(path)).expanduser()
+    if resolved.is_dir():
+        found = sorted(resolved.glob("checkpoints/*.ckpt")) or sorted(resolved.glob("*.ckpt"))
+        hint = f"; it holds {', '.join(p.name for p in found[:4])}" if found else ""
+        raise ModelLoadError(f"{what} {resolved} is a folder, not a file{hint}")
+    if not resolved.is_file():
+        raise ModelLoadError(f"{what} {resolved} does not exist")
+    return resolved
+
+
+def run_dir_of(model_path: str | Path) -> Path:
+    """``<run>/checkpoints/x.ckpt``, ``<run>/export/x.pt`` -> ``<run>``; elsewhere: the file's folder."""
+    path = Path(model_path).resolve()
+    return path.parent.parent if path.parent.name in ("checkpoints", "export") else path.parent
+
+
+def _load_failure_reason(path: Path, error: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` refused ``path``: empty, truncated, foreign pickle, or not a
+    checkpoint at all. Never suggests ``weights_only=False``: foodvision does not unpickle files."""
+    size = path.stat().st_size
+    if size == 0:
+        return "the file is empty (0 bytes): a save was interrupted or the copy failed"
+    with path.open("rb") as handle:
+        head = handle.read(4)
+    text = str(error)
+    if head == b"PK\x03\x04" and not zipfile.is_zipfile(path):
+        return (
+            f"the file is truncated or damaged ({size} bytes, its zip directory is missing): a save was "
+            "interrupted or the copy is incomplete. Use another checkpoint of the run (last.ckpt, best-*.ckpt)"
+        )
+    if head != b"PK\x03\x04" and not head.startswith(b"\x80"):  # neither torch.save's zip nor legacy pickle
+        return f"it is not a PyTorch checkpoint (those are zip archives written by torch.save; it starts with {head!r})"
+    match = re.search(r"unsupported global:?\s*(?:GLOBAL\s+)?([\w.]+)", text, re.IGNORECASE)
+    if match or "weights only load failed" in text.lower():
+        found = f" (e.g. {match.group(1)})" if match else ""
+        return (
+            f"it contains pickled Python objects{found}; foodvision loads only tensors and plain values and "
+            "never unpickles code, so this file was not written by foodvision's training and will not be "
+            "loaded"
+        )
+    first = text.strip().splitlines()[0][:200] if text.strip() else ""
+    return f"it is not a readable PyTorch checkpoint ({type(error).__name__}{': ' + first if first else ''})"
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """``torch.load(weights_only=True)`` with errors that say why a file is not a usable checkpoint."""
+    path = require_file(path)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - torch raises many types for foreign files
+        raise ModelLoadError(f"cannot load {path}: {_load_failure_reason(path, error)}") from None
+    if not isinstance(checkpoint, dict) or "foodvision" not in checkpoint:
+        keys = (
+            ", ".join(sorted(map(str, checkpoint))[:8])
+            if isinstance(checkpoint, dict)
+            else type(checkpoint).__name__
+        )
+        raise ModelLoadError(
+            f"{path} is not a foodvision checkpoint: it has no 'foodvision' metadata (class names, "
+            f"preprocessing, architecture); top-level content: {keys}. Use a checkpoint written by "
+            "`python train.py` "
+            "(lightning_logs/runs/<run>/checkpoints/*.ckpt)."
+        )
+    if "state_dict" not in checkpoint:
+        raise ModelLoadError(f"{path} has foodvision metadata but no state_dict (weights)")
+    return checkpoint
+
+
+def build_model(info: ModelInfo, where: str | Path) -> nn.Module:
+    """The architecture recorded in ``info``, randomly initialised (never downloads weights)."""
+    from foodvision.models.classifier import build_classifier
+
+    if not info.model:
+        raise ModelLoadError(f"{where}: the foodvision metadata does not describe the architecture")
+    kwargs = {**info.model, "pretrained": False}
+    quiet = logging.getLogger("foodvision.models.classifier")
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)  # not "weights from random init": the checkpoint's weights follow
+    try:
+        model, _, _ = build_classifier(info.num_classes, **kwargs)
+    except (ValueError, TypeError, RuntimeError) as error:
+        raise ModelLoadError(
+            f"{where}: cannot rebuild the recorded architecture {info.architecture}: {error}"
+        ) from error
+    finally:
+        quiet.setLevel(level)
+    return model
+
+
+def load_weights(
+    model: nn.Module, state_dict: dict[str, torch.Tensor], info: ModelInfo, where: str | Path
+) -> None:
+    """Strict loading with a readable account of what does not fit."""
+    weights = {k[len("net.") :]: v for k, v in state_dict.items() if k.startswith("net.")}
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    mismatched = [
+        f"{k} {tuple(weights[k].shape)} vs {tuple(expected[k].shape)}"
+        for k in sorted(set(weights) & set(expected))
+        if tuple(weights[k].shape) != tuple(expected[k].shape)
+    ]
+    if missing or unexpected or mismatched:
+        parts = []
+        if not weights:
+            parts.append("it has no 'net.*' weights at all")
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+        if mismatched:
+            parts.append(f"{len(mismatched)} of another shape (e.g. {'; '.join(mismatched[:3])})")
+        raise ModelLoadError(
+            f"the weights in {where} do not fit the architecture its metadata names "
+            f"({info.architecture}, {info.num_classes} classes): {'; '.join(parts)}. "
+            "Was the checkpoint written by another version of the model or edited?"
+        )
+    model.load_state_dict(weights, strict=True)
+
+
+def load_checkpoint_model(path: str | Path) -> tuple[nn.Module, ModelInfo, dict[str, Any]]:
+    """Rebuild the classifier of a training checkpoint: ``(model in eval mode, info, checkpoint)``."""
+    checkpoint = read_checkpoint(path)
+    info = ModelInfo.from_dict(checkpoint["foodvision"], path)
+    model = build_model(info, path)
+    load_weights(model, checkpoint["state_dict"], info, path)
+    return model.eval(), info, checkpoint
+
+
+# ---- exported files ----------------------------------------------------------------------------------
+def export_metadata(info: ModelInfo, **extra: Any) -> str:
+    return json.dumps({"metadata_version": METADATA_VERSION, **info.to_dict(), **extra}, indent=1)
+
+
+def is_torchscript(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any("/code/" in name for name in archive.namelist())
+
+
+def model_format(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix in ONNX_SUFFIXES:
+        return "onnx"
+    if suffix in CHECKPOINT_SUFFIXES:
+        return "checkpoint"
+    if is_torchscript(path):
+        return "torchscript"
+    return "checkpoint"
+
+
+@contextlib.contextmanager
+def quiet_jit() -> Iterator[None]:
+    """TorchScript is deprecated in recent PyTorch (a FutureWarning on every call) but still what
+    ``format=torchscript`` asks for; keep the console readable."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit.*deprecated.*", category=FutureWarning)
+        yield
+
+
+def load_torchscript_file(path: Path, device: torch.device) -> tuple[Any, ModelInfo]:
+    extra = {META_KEY: ""}
+    try:
+        with quiet_jit():
+            module = torch.jit.load(str(path), map_location=device, _extra_files=extra)
+    except Exception as error:  # noqa: BLE001
+        raise ModelLoadError(f"cannot load TorchScript model {path}: {error}") from error
+    if not extra[META_KEY]:
+        raise ModelLoadError(
+            f"{path} is a TorchScript model without foodvision metadata ({META_KEY}); export it with "
+            "`python export.py ckpt_path=... format=torchscript`"
+        )
+    return module.eval(), ModelInfo.from_dict(json.loads(extra[META_KEY]), path)
+
+
+def load_onnx_file(path: Path) -> tuple[Any, ModelInfo]:
+    try:
+        import onnxruntime as ort
+    except ImportError as error:
+        raise ModelLoadError(
+            f"{path} is an ONNX model, and running it needs onnxruntime: pip install 'foodvision[onnx]'"
+        ) from error
+    try:
+        session = ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"])
+    except Exception as error:  # noqa: BLE001
+        raise ModelLoadError(f"cannot load ONNX model {path}: {error}") from error
+    meta = session.get_modelmeta().custom_metadata_map.get(META_KEY)
+    if not meta:
+        raise ModelLoadError(
+            f"{path} is an ONNX model without foodvision metadata ({META_KEY} in metadata_props); export it "
+            "with `python export.py ckpt_path=... format=onnx`"
+        )
+    return session, ModelInfo.from_dict(json.loads(meta), path)
