@@ -27,6 +27,7 @@ from foodvision.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
 
+CHECKPOINT_KEY = "foodvision"  # the entry of a Lightning checkpoint holding ModelInfo.to_dict()
 META_KEY = "foodvision.json"  # TorchScript extra file and ONNX metadata_props key holding ModelInfo as JSON
 METADATA_VERSION = 1
 CHECKPOINT_SUFFIXES = (".ckpt",)
@@ -137,7 +138,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - torch raises many types for foreign files
         raise ModelLoadError(f"cannot load {path}: {_load_failure_reason(path, error)}") from None
-    if not isinstance(checkpoint, dict) or "foodvision" not in checkpoint:
+    if not isinstance(checkpoint, dict) or CHECKPOINT_KEY not in checkpoint:
         keys = (
             ", ".join(sorted(map(str, checkpoint))[:8])
             if isinstance(checkpoint, dict)
@@ -206,10 +207,15 @@ def load_weights(
     model.load_state_dict(weights, strict=True)
 
 
+def checkpoint_info(checkpoint: dict[str, Any], path: str | Path) -> ModelInfo:
+    """The :class:`ModelInfo` a training checkpoint (read by :func:`read_checkpoint`) carries."""
+    return ModelInfo.from_dict(checkpoint[CHECKPOINT_KEY], path)
+
+
 def load_checkpoint_model(path: str | Path) -> tuple[nn.Module, ModelInfo, dict[str, Any]]:
     """Rebuild the classifier of a training checkpoint: ``(model in eval mode, info, checkpoint)``."""
     checkpoint = read_checkpoint(path)
-    info = ModelInfo.from_dict(checkpoint["foodvision"], path)
+    info = checkpoint_info(checkpoint, path)
     model = build_model(info, path)
     load_weights(model, checkpoint["state_dict"], info, path)
     return model.eval(), info, checkpoint

@@ -17,6 +17,7 @@ from torchmetrics.classification import (
     MulticlassRecall,
 )
 
+from foodvision.checkpoints import CHECKPOINT_KEY, ModelInfo
 from foodvision.data.balance import resolve_class_weights
 from foodvision.data.transforms import Preprocessing
 from foodvision.models.classifier import IMAGES, build_classifier
@@ -126,12 +127,8 @@ class LitClassifier(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """What inference needs without the training config: classes, preprocessing, architecture."""
-        checkpoint["foodvision"] = {
-            "class_names": self.class_names,
-            "preprocessing": self.preprocessing.to_dict(),
-            "model": dict(self.hparams.model),
-            "weights_source": self.weights_source,
-        }
+        info = ModelInfo(self.class_names, self.preprocessing, dict(self.hparams.model), self.weights_source)
+        checkpoint[CHECKPOINT_KEY] = info.to_dict()
 
     # ---- epoch ends: summary scalars, per-class table and confusion matrix ---------------------
     def _epoch_end(self, stage: str) -> None:

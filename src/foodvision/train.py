@@ -17,7 +17,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from foodvision.checkpoints import read_checkpoint
+from foodvision.checkpoints import checkpoint_info, read_checkpoint
 from foodvision.cli import EXPECTED_ERRORS
 from foodvision.config_check import ConfigError, check_train_config
 from foodvision.data.datamodule import FoodDataModule
@@ -100,15 +100,15 @@ for _name, _resolver in (("fv_run_dir", resume_run_dir), ("fv_hydra_subdir", hyd
 def check_resumable(ckpt_path: str, module: LitClassifier) -> None:
     """Refuse, with the differences spelled out, a damaged checkpoint or one of another architecture or
     class set."""
-    saved = read_checkpoint(ckpt_path)["foodvision"]
+    saved = checkpoint_info(read_checkpoint(ckpt_path), ckpt_path)
     problems = []
     for key in ("kind", "name", "head", "scratch"):
-        theirs, ours = saved["model"].get(key), module.hparams.model.get(key)
+        theirs, ours = saved.model.get(key), module.hparams.model.get(key)
         if theirs != ours:
             problems.append(f"model.{key}: checkpoint {theirs!r}, this run {ours!r}")
-    if saved["class_names"] != module.class_names:
-        missing = sorted(set(module.class_names) - set(saved["class_names"]))
-        extra = sorted(set(saved["class_names"]) - set(module.class_names))
+    if saved.class_names != module.class_names:
+        missing = sorted(set(module.class_names) - set(saved.class_names))
+        extra = sorted(set(saved.class_names) - set(module.class_names))
         problems.append(
             f"classes differ (data has {missing or 'none'} not in the checkpoint; checkpoint has {extra or 'none'} not in the data)"
         )
