@@ -192,7 +192,7 @@ def train(cfg: DictConfig) -> tuple[float | None, dict[str, Any]]:
         if key in trainer.callback_metrics:
             metrics[key] = float(trainer.callback_metrics[key])
     if cfg.get("test") and trainer.is_global_zero:
-        metrics.update(test_best_checkpoint(cfg, trainer, run_dir))
+        metrics.update(evaluate_best_checkpoint(cfg, trainer, run_dir))
         for logger in loggers:
             logger.log_metrics(
                 {k: v for k, v in metrics.items() if k.startswith("test/") and isinstance(v, float)},
@@ -223,7 +223,7 @@ def eval_precision(trainer_precision: Any) -> str:
     return "bf16" if str(trainer_precision).startswith("bf16") else "32"
 
 
-def test_best_checkpoint(cfg: DictConfig, trainer: L.Trainer, run_dir: Path) -> dict[str, Any]:
+def evaluate_best_checkpoint(cfg: DictConfig, trainer: L.Trainer, run_dir: Path) -> dict[str, Any]:
     """Evaluate the best checkpoint (else ``last.ckpt``) on the test split with ``eval.py``'s code: the
     same metrics, keys and files (``<run>/eval-test/``) as ``python eval.py ckpt_path=<it>`` gives."""
     from foodvision.evaluate import evaluate
