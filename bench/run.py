@@ -149,6 +149,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument(
+        "--precision",
+        choices=("auto", "32"),
+        default="auto",
+        help="foodvision's precision in the sections: auto (bf16 where the hardware has it) or 32 (float32:\n"
+        "the ONNX Runtime path of CPUs without bf16); memory: also the tools' and train.py's precision",
+    )
+    parser.add_argument(
         "--ckpt",
         default="auto",
         help="checkpoint for accuracy and predict; auto: newest lightning_logs/runs/*/checkpoints/best-*.ckpt; none",
@@ -231,8 +238,11 @@ def build_config(args: argparse.Namespace) -> dict[str, Any]:
         log_dir=str(log_dir),
         run_recipe=bool(args.run_recipe),
         recipe_args=shlex.split(args.recipe_args),
-        memory_train_args=shlex.split(args.memory_train_args),
-        memory_tool_args=shlex.split(args.memory_tool_args),
+        precision=args.precision,
+        memory_train_args=shlex.split(args.memory_train_args)
+        + (["trainer.precision=32-true"] if args.precision == "32" else []),
+        memory_tool_args=shlex.split(args.memory_tool_args)
+        + (["precision=32"] if args.precision == "32" else []),
         timeout=args.timeout,
         device="cpu",
     )
@@ -950,7 +960,8 @@ def markdown(document: dict[str, Any]) -> str:
         "own process, Python + torch included (importing torch and torchvision alone: "
         f"{env.get('import_peak_rss_mb', '?')} MB). Baseline: PIL `Image.open().convert('RGB')` + torchvision "
         "Resize/CenterCrop/ToTensor/Normalize, float32, NCHW, `torch.no_grad`, DataLoader. foodvision: its own "
-        "classes and functions, channels_last, precision=auto (bf16 only on GPUs and CPUs with bf16 instructions), `torch.inference_mode`, "
+        "classes and functions, channels_last, precision=auto (bf16 only on GPUs and CPUs with bf16 instructions) or float32 (`--precision 32`; each "
+        "row's notes name its precision and engine), `torch.inference_mode`, "
         "cached features / prefix maps. Raw numbers: results.json.",
         "",
     ]

@@ -54,9 +54,17 @@ for _pattern in (
 
 
 # ---- shared helpers ------------------------------------------------------------------------------------
+# foodvision's precision in the sections: ``auto`` (what the tools choose on this hardware) or ``32`` (float32,
+# e.g. the ONNX Runtime path of CPUs without bf16, measured on a CPU that has it); set by ``--precision``.
+PRECISION = "auto"
+
+
 def setup_process(cfg: dict[str, Any]) -> None:
-    """Threads, quiet libraries: called first in every section process."""
+    """Threads, quiet libraries, precision: called first in every section process."""
     import multiprocessing
+
+    global PRECISION
+    PRECISION = str(cfg.get("precision", "auto"))
 
     # A spawned process inherits "spawn" as its start method; DataLoader workers should start the way they do
     # in a plain script (the platform default, fork on Linux), or each worker would re-import torch.
@@ -88,13 +96,16 @@ def sync(device: torch.device) -> None:
 
 
 def precision_for(device: torch.device) -> str:
-    """foodvision's choice: ``bf16`` where the hardware runs it natively, else ``32``."""
+    """foodvision's choice: ``bf16`` where the hardware runs it natively, else ``32`` (``--precision 32``:
+    ``32``)."""
     from foodvision.inference import resolve_precision
 
-    return resolve_precision("auto", device)
+    return resolve_precision(PRECISION, device)
 
 
 def trainer_precision(device: torch.device) -> str:
+    if PRECISION == "32":
+        return "32-true"
     from foodvision.train import resolve_precision
 
     return str(resolve_precision("auto", "gpu" if device.type == "cuda" else "cpu"))
@@ -494,7 +505,9 @@ class Inference:
         ckpt = self.cfg.get("ckpt")
         if not ckpt:
             return {"skipped": self.cfg.get("ckpt_note") or "no checkpoint"}
-        from foodvision.inference import Predictor, infer_files, load_checkpoint_model
+        from foodvision.checkpoints import load_checkpoint_model
+        from foodvision.image_batches import infer_files
+        from foodvision.inference import Predictor
 
         count = int(self.cfg["acc_images"]) or len(self.data.splits["test"])
         samples = pick(self.data.splits["test"], min(count, len(self.data.splits["test"])), seed=1)
@@ -519,7 +532,7 @@ class Inference:
             }
         files = [path for path, _ in samples]
         result: dict[str, Any] = {"images": len(samples)}
-        for key, precision, engine in (("acc", "auto", "auto"), ("acc_fp32", "32", "torch")):
+        for key, precision, engine in (("acc", PRECISION, "auto"), ("acc_fp32", "32", "torch")):
             predictor = Predictor(ckpt, device=str(self.device), precision=precision, engine=engine)
             if list(predictor.class_names) != list(self.data.classes):
                 return {
@@ -797,7 +810,7 @@ class Predict:
         else:
             from foodvision.inference import Predictor
 
-            self.predictor = Predictor(self.ckpt, device=str(self.device), precision="auto")
+            self.predictor = Predictor(self.ckpt, device=str(self.device), precision=PRECISION)
         sync(self.device)
         return time.perf_counter() - started
 
@@ -808,7 +821,7 @@ class Predict:
         return logits.softmax(1).cpu()
 
     def latency(self, photos: list[str]) -> list[float]:
-        from foodvision.inference import infer_files
+        from foodvision.image_batches import infer_files
 
         seconds = []
         for photo in photos:
@@ -828,7 +841,7 @@ class Predict:
                 self.predict_plain(path)
             count = len(files)
         else:
-            from foodvision.inference import infer_files
+            from foodvision.image_batches import infer_files
             from foodvision.predict import collect_inputs, top_k_rows
 
             found = collect_inputs([str(self.folder)])
@@ -1032,8 +1045,8 @@ DEFAULT_MODEL_PRESET = "mobilenetv2_ft"
 # as resolved, ...). Compared with conf/ as it is now, since presets change.
 RECIPE_KEYS = (
     "model",
-    "finetune",
-    "feature_cache.enabled",
+    "callbacks.finetune",
+    "callbacks.feature_cache.enabled",
     "optimizer",
     "scheduler",
     "label_smoothing",
@@ -1118,7 +1131,7 @@ def run_summary(run_dir: Path, default: dict[str, Any]) -> dict[str, Any] | None
         "test_acc": metrics.get("test/acc"),
         "val_acc": metrics.get("val/acc"),
         "image_size": lookup(config, "data.image_size"),
-        "stage1_epochs": lookup(config, "finetune.stage1_epochs"),
+        "stage1_epochs": lookup(config, "callbacks.finetune.stage1_epochs"),
         "max_epochs": lookup(config, "trainer.max_epochs"),
         "precision": lookup(config, "trainer.precision"),
     }
