@@ -21,6 +21,7 @@ from foodvision.checkpoints import CHECKPOINT_KEY, ModelInfo
 from foodvision.data.balance import resolve_class_weights
 from foodvision.data.transforms import Preprocessing
 from foodvision.models.classifier import IMAGES, build_classifier
+from foodvision.schedules import Stage2Schedule
 
 
 def summary_metrics(num_classes: int) -> torchmetrics.MetricCollection:
@@ -206,8 +207,6 @@ class LitClassifier(L.LightningModule):
             )
             return {"scheduler": sched, "interval": "epoch"}
         if name == "stage2":  # fine-tuning recipes: base rates in stage 1, warm-up + decay from stage 2
-            from foodvision.schedules import Stage2Schedule
-
             sched = Stage2Schedule(optimizer, cfg.get("warmup_epochs", 0.0), cfg.get("decay", "cosine"))
             return {"scheduler": sched, "interval": "step"}
         if name == "plateau":
