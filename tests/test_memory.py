@@ -130,6 +130,23 @@ def test_explicit_batch_size_is_used_as_given(tiny_run: TinyRun) -> None:
         Predictor(tiny_run.checkpoint, device="cpu", max_memory_mb=-1)
 
 
+def test_a_call_with_its_own_batch_size_leaves_the_predictor_memory_bound(tiny_run: TinyRun) -> None:
+    """infer_files(batch_size=1) for one photo (bench latency, the demo) must not shrink or grow the
+    predictor's forward batch for the calls after it; a large read batch runs in memory-bounded chunks."""
+    pytest.importorskip("onnxruntime")
+    predictor = Predictor(tiny_run.checkpoint, device="cpu", precision="32", engine="onnxruntime")
+    chosen = predictor.max_batch
+    files = sorted(str(p) for p in (tiny_run.data_root / "test").rglob("*.jpg"))
+    one = infer_files(predictor, files[:1], batch_size=1, progress=False)
+    assert predictor.max_batch == chosen and predictor.runner is not None
+    assert predictor.runner.max_batch == chosen
+    many = infer_files(predictor, files, batch_size=len(files), progress=False)
+    assert predictor.max_batch == chosen
+    torch.testing.assert_close(many.logits[:1], one.logits, rtol=0, atol=1e-5)
+    by_default = infer_files(predictor, files, progress=False)
+    torch.testing.assert_close(many.logits, by_default.logits, rtol=0, atol=1e-5)
+
+
 def test_bad_batch_size_is_a_clear_error(tiny_run: TinyRun, tmp_path: Path) -> None:
     cfg = compose_tool("eval", f"ckpt_path={tiny_run.checkpoint}", f"output_dir={tmp_path}", "batch_size=0")
     with pytest.raises(ToolError, match="batch_size must be a positive integer"):
@@ -150,7 +167,8 @@ def reference_eval(tiny_run: TinyRun) -> tuple[dict[str, float], list[list[str]]
     names = predictor.class_names
     files = [str(p) for p in test]
     true = torch.tensor([names.index(p.parent.name) for p in test])
-    result = infer_files(predictor, files, batch_size=len(files), progress=False)
+    predictor.use_batch_size(len(files))  # one forward pass over every photo
+    result = infer_files(predictor, files, progress=False)
     probabilities = result.logits.softmax(dim=1)
     confidence, predicted = probabilities.max(dim=1)
     scores = classification_metrics(confusion_matrix(true.numpy(), predicted.numpy(), len(names)))

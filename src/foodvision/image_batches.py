@@ -77,11 +77,13 @@ class InferenceResult:
 def iterate_batches(
     predictor: Predictor, files: Sequence[str | Path], batch_size: int | None, num_workers: int
 ) -> Iterator[tuple[list[int], torch.Tensor | None, list]]:
-    """``(indices, logits or None, [(index, reason)])`` per batch of ``files``, in order. ``batch_size``
-    ``None``: the predictor's memory-bounded batch (:meth:`Predictor.use_batch_size`)."""
+    """``(indices, logits or None, [(index, reason)])`` per batch of ``files``, in order. ``batch_size``: images
+    read per batch (``None``: the predictor's :attr:`~Predictor.max_batch`). The forward pass runs in chunks of
+    ``max_batch`` whatever is read, and the predictor is left as it was: only
+    :meth:`Predictor.use_batch_size` (a tool's explicit ``batch_size``) changes what one forward pass takes."""
     loader = DataLoader(
         ImageFiles(files, predictor.preprocessing),
-        batch_size=predictor.use_batch_size(batch_size),
+        batch_size=batch_size or predictor.max_batch,
         shuffle=False,
         num_workers=num_workers,
         collate_fn=collate_files,
