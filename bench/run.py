@@ -887,9 +887,22 @@ def memory_gb() -> float | None:
     return None
 
 
+def measured_at(document: dict[str, Any], key: str) -> str | None:
+    """When section ``key`` of a results document was measured: the document's own run, or, for a section
+    it kept with ``--merge``, the run that measured it (followed through earlier merges)."""
+    merged = document.get("merged_from") or {}
+    if key in (merged.get("measured") or {}):
+        return merged["measured"][key]
+    if key in merged.get("sections", []):  # documents written before ``measured`` was recorded
+        return measured_at(
+            {"started": merged.get("started"), "merged_from": merged.get("earlier_merges")}, key
+        )
+    return document.get("started")
+
+
 def merge_earlier(document: dict[str, Any], path: Path) -> None:
     """``--merge``: the sections of an earlier results.json that this run does not measure, kept in its order
-    (listed in ``merged_from``, with the run they come from)."""
+    (listed in ``merged_from``, each with the run that measured it)."""
     if not path.is_file():
         return
     earlier = json.loads(path.read_text())
@@ -903,8 +916,19 @@ def merge_earlier(document: dict[str, Any], path: Path) -> None:
         "started": earlier.get("started"),
         "command": earlier.get("command"),
         "sections": kept,
+        "measured": {key: measured_at(earlier, key) for key in kept},
         "earlier_merges": earlier.get("merged_from"),
     }
+
+
+def merge_note(merged: dict[str, Any]) -> str:
+    """Which kept sections were measured when (one clause per run)."""
+    measured = merged.get("measured") or {key: merged.get("started") for key in merged["sections"]}
+    runs: dict[str, list[str]] = {}
+    for key in merged["sections"]:
+        runs.setdefault(str(measured.get(key)), []).append(key)
+    clauses = [f"{', '.join(keys)} from the run of {started}" for started, keys in runs.items()]
+    return f"Kept from earlier runs (--merge): {'; '.join(clauses)}."
 
 
 def write_outputs(out: Path, document: dict[str, Any]) -> None:
@@ -934,15 +958,7 @@ def markdown(document: dict[str, Any]) -> str:
         f"{cfg['workers']} DataLoader worker(s) per side; {cfg['repeats']} repeat(s), sides interleaved.",
         "",
         *([f"**Warning:** {machine['busy_warning']}.", ""] if machine.get("busy_warning") else []),
-        *(
-            [
-                f"Sections {', '.join(document['merged_from']['sections'])} are from the run of "
-                f"{document['merged_from']['started']} (--merge).",
-                "",
-            ]
-            if document.get("merged_from")
-            else []
-        ),
+        *([merge_note(document["merged_from"]), ""] if document.get("merged_from") else []),
         "| section | baseline | foodvision | ratio | notes |",
         "|---|---|---|---|---|",
     ]

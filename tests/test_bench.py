@@ -181,5 +181,16 @@ def test_memory_rows_and_merge_keep_earlier_sections(tmp_path: Path) -> None:
     assert document["plan"] == ["inference", "memory", "recipe"]  # the sections' own order
     assert set(document["sections"]) == {"inference", "recipe"}  # memory: this run's
     assert document["merged_from"]["sections"] == ["inference", "recipe"]
+    assert document["merged_from"]["measured"] == {"inference": "earlier", "recipe": "earlier"}
+
+    # merged again: each kept section still names the run that measured it, not the last merge
+    document.update(started="later", sections={**document["sections"], "memory": {"rows": ["new"]}})
+    (tmp_path / "results.json").write_text(json.dumps(document))
+    again = {"started": "latest", "plan": ["inference"], "sections": {"inference": {"rows": []}}}
+    run.merge_earlier(again, tmp_path / "results.json")
+    assert again["merged_from"]["measured"] == {"memory": "later", "recipe": "earlier"}
+    assert run.merge_note(again["merged_from"]) == (
+        "Kept from earlier runs (--merge): memory from the run of later; recipe from the run of earlier."
+    )
     run.merge_earlier(other := {"plan": ["memory"], "sections": {}}, tmp_path / "missing.json")
     assert other == {"plan": ["memory"], "sections": {}}
