@@ -118,9 +118,8 @@ def test_experiment_epochs_and_stages() -> None:
     assert composed["mnv2_2c_finetune"].callbacks.finetune.stage1_epochs == 30
     assert composed["effnet_two_stage"].callbacks.finetune.stage1_epochs == 15
     assert composed["mnv2_2a_features"].data.batch_size == 20
-    assert (
-        composed["food101_effnet"].callbacks.feature_cache.enabled is True
-    )  # stage 1 cached, stage 2 augmented
+    # stage 1 cached, stage 2 augmented
+    assert composed["food101_effnet"].callbacks.feature_cache.enabled is True
 
 
 @pytest.mark.parametrize("name", ["scratch_decreasing", "mnv2_2c_finetune", "effnet_two_stage"])

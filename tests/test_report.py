@@ -186,9 +186,8 @@ def test_gradcam_without_the_graph_below_its_layer_gives_the_maps_of_a_full_back
     model.eval()
     network = torch.nn.Sequential(model.backbone, model.head)
     layer = cam_target_layer(model, 64)
-    model.backbone.conv_stem.weight.requires_grad_(
-        False
-    )  # a frozen weight stays frozen, the others trainable
+    # a frozen weight stays frozen, the others trainable
+    model.backbone.conv_stem.weight.requires_grad_(False)
     flags = {name: p.requires_grad for name, p in network.named_parameters()}
     generator = torch.Generator().manual_seed(1)
     images = [torch.randn(3, 64, 64, generator=generator) for _ in range(3)]

@@ -165,8 +165,9 @@ class LitClassifier(L.LightningModule):
     # ---- optimisation ----------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
         """Two parameter groups from the start: the head at ``optimizer.lr`` and the backbone at
-        ``lr * optimizer.backbone_lr_factor`` (the one owner of that ratio). Frozen parameters have no gradient, so the optimizer skips them;
-        unfreezing later therefore needs no new group and the scheduler sees every group throughout.
+        ``lr * optimizer.backbone_lr_factor`` (the one owner of that ratio). Frozen parameters have no
+        gradient, so the optimizer skips them; unfreezing later therefore needs no new group and the
+        scheduler sees every group throughout.
         """
         cfg = dict(self.hparams.optimizer or {})
         name = cfg.pop("name", "adamw").lower()

@@ -424,6 +424,8 @@ def model_facts(
 
 
 def build_report(eval_dir: Path, predictor: Any = None, gradcam: int = 6, latency: bool = True) -> str:
+    from foodvision.evaluate import metric_name  # the key vocabulary of the metrics.json read here
+
     eval_dir = Path(eval_dir)
     metrics = json.loads((eval_dir / "metrics.json").read_text())
     checkpoint = Path(metrics["checkpoint"]) if metrics.get("checkpoint") else None
@@ -446,10 +448,11 @@ def build_report(eval_dir: Path, predictor: Any = None, gradcam: int = 6, latenc
         notes.append(
             f"{len(skipped)} unreadable image(s) skipped, e.g. {skipped[0]['file']}: {skipped[0]['reason']}"
         )
+    headline = [(metric_name(split, key), label, percent) for key, label, percent in HEADLINE]
     cards = "".join(
-        _card(f"{split}/{key}", label, float(metrics[f"{split}/{key}"]), percent)
-        for key, label, percent in HEADLINE
-        if isinstance(metrics.get(f"{split}/{key}"), (int, float))
+        _card(key, label, float(metrics[key]), percent)
+        for key, label, percent in headline
+        if isinstance(metrics.get(key), (int, float))
     )
     body = [
         f"<h1>Evaluation report: {esc(title)}</h1>",
