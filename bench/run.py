@@ -5,7 +5,7 @@ side in two processes of their own (``multiprocessing`` spawn), so peak RSS is p
 them the repeats in alternating order (A B, B A, ...) and keeps every raw number. Reported: medians of the
 repeats, and ratios as the median of the per-repeat paired ratios (speed-up of foodvision, > 1 is faster).
 
-Sections: matmul_peak, data_loading, inference, frozen_epoch, stage2_epoch, predict, memory, recipe (see
+Sections: matmul_peak, data_loading, inference, frozen_epoch, stage2_epoch, predict, memory, scale, recipe, int8 (see
 ``bench/sections.py`` for what each one measures). Writes ``<out>/results.json`` (all raw numbers, machine
 info) and ``<out>/results.md`` (one table); ``--merge`` keeps the other sections of an earlier run there.
 
@@ -14,6 +14,7 @@ info) and ``<out>/results.md`` (one table); ``--merge`` keeps the other sections
     python bench/run.py --sections inference,predict --ckpt lightning_logs/runs/x/checkpoints/best.ckpt
     python bench/run.py --sections recipe --run-recipe --recipe-args "trainer.max_epochs=8"
     python bench/run.py --sections memory --merge  # peak RSS of train.py, eval.py, predict.py (make bench-memory)
+    python bench/run.py --sections scale --merge   # train.py's memory and s/photo at 3k, 20k, 100k photos
 
 The parent process never imports torch (its peak RSS would be inherited by the children it spawns).
 """
@@ -48,9 +49,11 @@ SECTION_ORDER = (
     "stage2_epoch",
     "predict",
     "memory",
+    "scale",
     "recipe",
+    "int8",
 )
-TWO_SIDED = ("data_loading", "inference", "frozen_epoch", "stage2_epoch", "predict")
+TWO_SIDED = ("data_loading", "inference", "frozen_epoch", "stage2_epoch", "predict", "int8")
 CUDA_SECTIONS = ("matmul_peak", "inference", "stage2_epoch")  # also run on the GPU when there is one
 EPOCHS_WITH_CACHE = 10
 
@@ -65,6 +68,7 @@ FULL = {
     "baseline_batch": 64,
     "ours_batch": 128,
     "acc_images": 0,  # 0: the whole test split
+    "int8_calibration": 300,  # int8: train photos the INT8 model is calibrated on
     "train_images": 256,  # K: images the image-based training epochs are measured on (then extrapolated)
     "train_batch": 64,
     "extract_batch": 128,
@@ -79,6 +83,9 @@ FULL = {
     "memory_big_photos": 5000,  # memory: eval.py and predict.py also on this many photos (0: skip)
     "memory_train_steps": 20,  # memory: the plain training script's steps (batch 64, on images)
     "memory_skip_train": 0,  # memory: 1 = do not run train.py (needs --ckpt)
+    # scale: training photos of each train.py run (comma-separated; 18,180: food101-64px as it is)
+    "scale_sizes": "3000,18180,100000",
+    "scale_image_size": 64,  # scale: data.image_size of those runs (the photos' own size)
 }
 QUICK = {
     **FULL,
@@ -91,6 +98,7 @@ QUICK = {
     "baseline_batch": 8,
     "ours_batch": 16,
     "acc_images": 16,
+    "int8_calibration": 16,
     "train_images": 16,
     "train_batch": 8,
     "extract_batch": 16,
@@ -103,6 +111,8 @@ QUICK = {
     "predict_batch": 8,
     "memory_big_photos": 24,
     "memory_train_steps": 1,
+    "scale_sizes": "202,404",
+    "scale_image_size": 32,
 }
 
 
@@ -181,6 +191,28 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help='memory: extra eval.py/predict.py overrides, e.g. "precision=32" (ONNX Runtime on CPUs with bf16)',
     )
     parser.add_argument(
+        "--scale-root",
+        default=str(ROOT / ".." / "shared" / "data" / "food101-64px" / "food-101"),
+        help="scale: the Food-101 layout its trees are made from (default ../shared/data/food101-64px)",
+    )
+    parser.add_argument(
+        "--scale-dir",
+        default=str(Path(tempfile.gettempdir()) / "foodvision-scale"),
+        help="scale: where the tree of photo variants is made and kept between runs",
+    )
+    parser.add_argument(
+        "--scale-train-args",
+        default="callbacks.finetune.stage1_epochs=1 trainer.max_epochs=2 +trainer.limit_train_batches=50 test=false",
+        help="scale: train.py overrides (default: the default recipe shortened to 1 head + 1 stage-2 epoch of\n"
+        "50 batches; the caches still cover every photo)",
+    )
+    parser.add_argument(
+        "--scale-code",
+        default="",
+        help="scale: a foodvision checkout whose train.py and src/ are measured (default this one; to "
+        "measure the code of before a change: git worktree add /tmp/old HEAD)",
+    )
+    parser.add_argument(
         "--merge",
         action="store_true",
         help="keep the sections of <out>/results.json that this run does not measure (results.md lists all)",
@@ -243,6 +275,11 @@ def build_config(args: argparse.Namespace) -> dict[str, Any]:
         + (["trainer.precision=32-true"] if args.precision == "32" else []),
         memory_tool_args=shlex.split(args.memory_tool_args)
         + (["precision=32"] if args.precision == "32" else []),
+        scale_root=str(Path(args.scale_root).resolve()),
+        scale_dir=str(Path(args.scale_dir).resolve()),
+        scale_train_args=shlex.split(args.scale_train_args)
+        + (["trainer.precision=32-true"] if args.precision == "32" else []),
+        scale_code=str(Path(args.scale_code).resolve()) if args.scale_code else "",
         timeout=args.timeout,
         device="cpu",
     )
@@ -367,7 +404,7 @@ def run_section(ctx: Any, key: str, section: str, cfg: dict[str, Any]) -> dict[s
             raw[side]["setup"] = _receive(
                 processes[side][1], processes[side][0], f"{key}/{side} setup", timeout
             )
-        repeats = 1 if section in ("recipe", "memory") else int(cfg["repeats"])
+        repeats = 1 if section in ("recipe", "memory", "scale") else int(cfg["repeats"])
         for repeat in range(repeats):
             for side in sides if repeat % 2 == 0 else sides[::-1]:
                 process, conn = processes[side]
@@ -843,6 +880,69 @@ def sum_memory(label: str, raw: dict[str, Any], results: dict, cfg: dict, suffix
     return {"summary": summary, "rows": rows}
 
 
+def sum_scale(label: str, raw: dict[str, Any], results: dict, cfg: dict, suffix: str) -> dict[str, Any]:
+    """One row per size: peak anonymous memory (the target: <= 1.5 GiB) and the seconds per photo beside
+    those of the smallest size (the target: within 15 %)."""
+    measured = raw["main"]["runs"][0]["measurements"]
+    base = measured[0] if measured else None
+    rows = []
+    for item in measured:
+        extraction, stage2 = item["extraction_s_per_photo"], item["stage2_s_per_photo"]
+        ratios = (
+            f"{extraction / base['extraction_s_per_photo']:.2f}x / {stage2 / base['stage2_s_per_photo']:.2f}x"
+            if base and item is not base
+            else "-"
+        )
+        notes = (
+            f"train.py {' '.join(cfg.get('scale_train_args') or [])}, data.image_size={cfg.get('scale_image_size')}"
+            f", {item['train_photos']:,} training photos; peak RSS {item['peak_rss_mb']:,.0f} MB, PSS "
+            f"{item['peak_pss_mb']:,.0f} MB; extraction {item['extraction_seconds']:.0f} s "
+            f"({1e3 * extraction:.2f} ms/photo), stage-2 epoch {item['stage2_epoch_seconds']:.0f} s for "
+            f"{item.get('stage2_photos', item['train_photos']):,} photos "
+            f"({1e3 * stage2:.2f} ms/photo); {item['seconds']:.0f} s in all"
+            + (f"; code {item['code']}" if cfg.get("scale_code") else "")
+        )
+        rows.append(
+            row(
+                f"{label}: train.py ({item['train_photos']:,} photos)",
+                "-",
+                f"{item['peak_anon_mb']:,.0f} MB anon",
+                ratios + " s/photo" if ratios != "-" else "-",
+                notes,
+            )
+        )
+    return {"summary": {"measurements": measured}, "rows": rows}
+
+
+def sum_int8(label: str, raw: dict[str, Any], results: dict, cfg: dict, suffix: str) -> dict[str, Any]:
+    summary = sum_rates(raw)
+    base, ours = raw["baseline"]["finish"], raw["ours"]["finish"]
+    agree = [a == b for a, b in zip(base.pop("predictions"), ours.pop("predictions"), strict=True)]
+    summary.update(
+        float32_test_acc=base["test_acc"],
+        int8_test_acc=ours["test_acc"],
+        accuracy_change_points=100 * (ours["test_acc"] - base["test_acc"]),
+        top1_agreement=sum(agree) / max(1, len(agree)),
+        float32_size_mb=base["size_mb"],
+        int8_size_mb=ours["size_mb"],
+        calibration_seconds=ours["calibration_seconds"],
+        checkpoint=cfg.get("ckpt_source"),
+    )
+    notes = (
+        f"ONNX Runtime, {cfg['threads']} thread(s), batch {base['batch']}, {base['image_size']} px, "
+        f"{raw['baseline']['runs'][0]['images']} preloaded test images; test top-1 on {base['test_images']} "
+        f"photos: float32 {base['test_acc']:.4f}, INT8 {ours['test_acc']:.4f} "
+        f"({summary['accuracy_change_points']:+.2f} points, {summary['top1_agreement']:.1%} agreement); "
+        f"{base['size_mb']:.1f} -> {ours['size_mb']:.1f} MB; static quantization (export.py quantize=int8) "
+        f"calibrated on {cfg['int8_calibration']} train photos; checkpoint {cfg.get('ckpt_source')}"
+    )
+    cells = (
+        with_rss(f"float32 {fmt_rate(summary['baseline_images_per_s'])}", summary["baseline_peak_rss_mb"]),
+        with_rss(f"INT8 {fmt_rate(summary['ours_images_per_s'])}", summary["ours_peak_rss_mb"]),
+    )
+    return {"summary": summary, "rows": [row(label, *cells, fmt_ratio(summary["ratio"]), notes)]}
+
+
 SUMMARISERS = {
     "matmul_peak": sum_matmul,
     "data_loading": sum_loading,
@@ -851,7 +951,9 @@ SUMMARISERS = {
     "stage2_epoch": sum_stage2,
     "predict": sum_predict,
     "memory": sum_memory,
+    "scale": sum_scale,
     "recipe": sum_recipe,
+    "int8": sum_int8,
 }
 
 

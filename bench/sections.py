@@ -16,6 +16,7 @@ Ours = foodvision's own classes and functions (``ImageListDataset`` with JPEG dr
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -37,6 +38,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from torchvision import transforms as T
 
 ROOT = Path(__file__).resolve().parents[1]
+BENCH_DIR = Path(__file__).resolve().parent
 MODEL_NAME = "mobilenetv2_100"
 HEAD = {"hidden": 128, "dropout": 0.3}
 STAGE2_UNFREEZE = "blocks.5"  # timm mobilenetv2: blocks.5, blocks.6 (+ conv_head/bn2): the default recipe
@@ -1039,6 +1041,227 @@ class Memory:
         return {"train_args": self.cfg.get("memory_train_args", []), "threads": self.cfg["threads"]}
 
 
+# ---- 7b. scale ------------------------------------------------------------------------------------------
+def _process_tree(root: int) -> list[int]:
+    """``root`` and every process below it (DataLoader workers, ONNX export helpers)."""
+    children: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as handle:
+                parent = int(handle.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(name))
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo.extend(children.get(pid, []))
+    return found
+
+
+def _anon_and_pss_kb(pids: list[int]) -> tuple[int, int]:
+    """Pss_Anon and Pss summed over ``pids`` (PSS: pages shared copy-on-write with forked workers count
+    once; Pss_Anon leaves out file-backed pages, e.g. a memory-mapped cache, which the kernel can drop)."""
+    anon = pss = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as handle:
+                for line in handle:
+                    if line.startswith("Pss_Anon:"):
+                        anon += int(line.split()[1])
+                    elif line.startswith("Pss:"):
+                        pss += int(line.split()[1])
+        except OSError:
+            continue
+    return anon, pss
+
+
+def run_sampled(
+    command: list[str], env: dict[str, str] | None, log: Path, every: float = 0.5
+) -> dict[str, Any]:
+    """:func:`run_measured` plus the peak of anonymous memory (and of PSS) summed over the process and its
+    descendants, sampled every ``every`` seconds from ``/proc/PID/smaps_rollup``."""
+    started = time.perf_counter()
+    peak_anon = peak_pss = 0
+    with open(log, "w") as sink:
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT)
+        while True:
+            pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+            if pid:
+                break
+            anon, pss = _anon_and_pss_kb(_process_tree(process.pid))
+            peak_anon, peak_pss = max(peak_anon, anon), max(peak_pss, pss)
+            time.sleep(every)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    return {
+        "peak_anon_mb": peak_anon / 1024.0,
+        "peak_pss_mb": peak_pss / 1024.0,
+        "peak_rss_mb": usage.ru_maxrss / 1024.0,
+        "seconds": time.perf_counter() - started,
+        "returncode": process.returncode,
+    }
+
+
+def _variant(job: tuple[str, str, int]) -> None:
+    """One photo variant (deterministic in its index): mirrored, cropped and re-encoded, so files differ."""
+    source, target, index = job
+    if os.path.exists(target):
+        return
+    with Image.open(source) as opened:
+        image = opened.convert("RGB")
+    rng = random.Random(index)
+    if index % 2:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    width, height = image.size
+    cut = rng.uniform(0.78, 0.95)
+    w, h = max(8, int(width * cut)), max(8, int(height * cut))
+    left, top = rng.randint(0, width - w), rng.randint(0, height - h)
+    image = image.crop((left, top, left + w, top + h)).resize((width, height), Image.Resampling.BILINEAR)
+    image.save(target, quality=rng.randint(70, 95))
+
+
+def make_variant_tree(source: Path, target: Path, copies: int, processes: int) -> Path:
+    """A Food-101 layout at ``target`` whose train list holds every train photo of ``source`` and
+    ``copies`` variants of each (:func:`_variant`); test: the source's test photos (links). Kept between
+    runs (``.complete`` marks a finished tree)."""
+    done = target / ".complete"
+    if done.is_file() and done.read_text() == str(copies):
+        return target
+    import multiprocessing
+
+    lines = {split: (source / "meta" / f"{split}.txt").read_text().split() for split in ("train", "test")}
+    (target / "meta").mkdir(parents=True, exist_ok=True)
+    shutil.copy2(source / "meta" / "classes.txt", target / "meta" / "classes.txt")
+    jobs, train = [], []
+    for number, item in enumerate(lines["train"]):
+        klass, name = item.split("/")
+        folder = target / "images" / klass
+        folder.mkdir(parents=True, exist_ok=True)
+        original = folder / f"{name}.jpg"
+        if not original.exists():
+            original.symlink_to(source / "images" / f"{item}.jpg")
+        train.append(item)
+        for copy in range(copies):
+            jobs.append(
+                (
+                    str(source / "images" / f"{item}.jpg"),
+                    str(folder / f"{name}_v{copy}.jpg"),
+                    number * 16 + copy,
+                )
+            )
+            train.append(f"{item}_v{copy}")
+    for item in lines["test"]:
+        link = target / "images" / f"{item}.jpg"
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if not link.exists():
+            link.symlink_to(source / "images" / f"{item}.jpg")
+    with multiprocessing.get_context("fork").Pool(processes) as pool:
+        for _ in pool.imap_unordered(_variant, jobs, chunksize=256):
+            pass
+    (target / "meta" / "train.txt").write_text("\n".join(train) + "\n")
+    (target / "meta" / "test.txt").write_text("\n".join(lines["test"]) + "\n")
+    done.write_text(str(copies))
+    return target
+
+
+class Scale:
+    """``train.py`` (the default recipe, shortened by ``--scale-train-args``; cold feature cache; no test)
+    at several numbers of training photos: peak anonymous memory summed over the process and its loader
+    workers (``Pss_Anon``, sampled every 0.5 s), whole-process peak RSS, and the seconds per photo of the
+    feature extraction and of a stage-2 epoch. Trees: food101-64px as it is (18,180 training photos after
+    the 10 % validation carve-out), capped per class for smaller sizes, and for larger ones a tree of
+    variants of its photos (flips, crops, re-encodes), made once under ``--scale-dir``."""
+
+    def __init__(self, side: str, cfg: dict[str, Any]):
+        self.cfg = cfg
+        self.scratch = Path(tempfile.mkdtemp(prefix="bench-scale-"))
+        self.source = Path(cfg["scale_root"])
+        if not (self.source / "meta" / "classes.txt").is_file():
+            raise RuntimeError(f"--scale-root {self.source}: not a Food-101 layout (meta/classes.txt)")
+        self.classes = len((self.source / "meta" / "classes.txt").read_text().split())
+        self.source_train = len((self.source / "meta" / "train.txt").read_text().split())
+
+    def close(self) -> None:
+        shutil.rmtree(self.scratch, ignore_errors=True)
+
+    def tree_for(self, photos: int) -> tuple[Path, list[str], int]:
+        """(root, caps, training photos) for about ``photos`` training photos."""
+        available = int(self.source_train * 0.9)
+        if photos <= available:
+            root, listed = self.source, self.source_train
+        else:
+            copies = math.ceil(photos / available) - 1
+            target = Path(self.cfg["scale_dir"]) / f"variants-{copies}"
+            say(self.cfg, f"variant tree with {copies} variant(s) per photo: {target}")
+            root = make_variant_tree(self.source, target, copies, max(1, self.cfg["threads"]))
+            listed = self.source_train * (copies + 1)
+        per_class = listed // self.classes
+        train_cap = min(int(per_class * 0.9), math.ceil(photos / self.classes))
+        val_cap = max(2, math.ceil(train_cap / 9))
+        caps = [f"++data.max_per_class.train={train_cap}", f"++data.max_per_class.val={val_cap}"]
+        return root, caps, train_cap * self.classes
+
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        code = Path(cfg.get("scale_code") or ROOT)
+        env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
+        env.update(
+            HF_HUB_OFFLINE="1",
+            PYTHONPATH=os.pathsep.join([str(code / "src"), str(BENCH_DIR)]),
+            TQDM_MININTERVAL="30",
+        )
+        results = []
+        for photos in [int(p) for p in str(cfg["scale_sizes"]).split(",") if p.strip()]:
+            root, caps, train_photos = self.tree_for(photos)
+            run = self.scratch / f"run-{photos}"
+            times = self.scratch / f"times-{photos}.json"
+            env["FOODVISION_CACHE"] = str(self.scratch / f"cache-{photos}")  # a cold cache
+            command = [
+                sys.executable, str(code / "train.py"), f"data.root={root}", *caps,
+                f"data.image_size={cfg['scale_image_size']}", *cfg.get("scale_train_args", []),
+                f"paths.log_dir={run}", "+callbacks.scale_timer._target_=scale_timer.EpochTimes",
+                f"+callbacks.scale_timer.out={times}",
+            ]  # fmt: skip
+            say(cfg, f"train.py, {train_photos:,} training photos: {' '.join(command[2:])[:200]}")
+            result = run_sampled(command, env, self.scratch / f"train-{photos}.log")
+            if result["returncode"] != 0:
+                tail = (self.scratch / f"train-{photos}.log").read_text()[-3000:]
+                raise RuntimeError(f"train.py at {photos} photos exited with {result['returncode']}:\n{tail}")
+            stamps = json.loads(times.read_text())
+            epochs = stamps["epochs"]
+            first, last = epochs["0"], epochs[str(max(int(k) for k in epochs))]
+            stage2_seconds = last["train_end"] - last["start"]
+            trained = int(last.get("samples") or train_photos)  # the stage-2 epoch's photos
+            extraction = first["start"] - stamps["setup"]
+            row = {
+                "photos": photos,
+                "train_photos": train_photos,
+                "root": str(root),
+                **result,
+                "extraction_seconds": extraction,
+                "extraction_s_per_photo": extraction / train_photos,
+                "stage2_epoch_seconds": stage2_seconds,
+                "stage2_photos": trained,
+                "stage2_s_per_photo": stage2_seconds / trained,
+                "code": str(code),
+            }
+            say(
+                cfg,
+                f"  anon {row['peak_anon_mb']:,.0f} MB, RSS {row['peak_rss_mb']:,.0f} MB, extraction "
+                f"{1e3 * row['extraction_s_per_photo']:.2f} ms/photo, stage 2 {1e3 * row['stage2_s_per_photo']:.2f} "
+                f"ms/photo, {row['seconds']:.0f} s",
+            )
+            results.append(row)
+            shutil.rmtree(self.scratch / f"cache-{photos}", ignore_errors=True)
+        return {"measurements": results}
+
+    def finish(self) -> dict[str, Any]:
+        return {"threads": self.cfg["threads"]}
+
+
 # ---- 8. recipe ------------------------------------------------------------------------------------------
 DEFAULT_MODEL_PRESET = "mobilenetv2_ft"
 # What makes a run the default recipe: everything that changes its training (not paths, data.root, precision
@@ -1212,6 +1435,83 @@ class Recipe:
         return {"train_py_peak_rss_mb": self.children_rss_mb}
 
 
+# ---- int8 ----------------------------------------------------------------------------------------------
+class Int8:
+    """ONNX Runtime on the checkpoint's float32 export (baseline) against its INT8 model (``export.py
+    quantize=int8``: static, calibrated on ``int8_calibration`` train photos), both with foodvision's session
+    options: throughput on the same preloaded test images, and top-1 accuracy on the test split."""
+
+    def __init__(self, side: str, cfg: dict[str, Any]):
+        import onnxruntime as ort
+
+        from foodvision.checkpoints import load_checkpoint_model
+        from foodvision.data.datasets import ImageListDataset
+        from foodvision.engine import session_options
+        from foodvision.export import export_onnx
+        from foodvision.quantize import calibration_reader, quantize_onnx
+
+        self.cfg, self.side = cfg, side
+        ckpt = cfg.get("ckpt")
+        if not ckpt:
+            raise RuntimeError(f"int8 needs a checkpoint: {cfg.get('ckpt_note') or 'pass --ckpt'}")
+        self.data = load_splits(cfg["data_root"])
+        model, self.info, _ = load_checkpoint_model(ckpt)
+        if list(self.info.class_names) != list(self.data.classes):
+            raise RuntimeError("the checkpoint's classes differ from the data's")
+        self.folder = Path(tempfile.mkdtemp(prefix="bench-int8-"))
+        path = export_onnx(model.float().eval(), self.info, self.folder / "float32.onnx", Path(ckpt).name)
+        self.calibration_seconds = None
+        if side == "ours":
+            started = time.perf_counter()
+            train = pick(self.data.splits["train"], int(cfg["int8_calibration"]), seed=2)
+            pre = self.info.preprocessing
+            dataset = ImageListDataset(train, pre.eval_transform(), draft_size=pre.resize_size)
+            quantized = self.folder / "int8.onnx"
+            quantize_onnx(path, quantized, calibration_reader(dataset, list(range(len(train))), "images"))
+            self.calibration_seconds = time.perf_counter() - started
+            path = quantized
+        self.path = path
+        self.session = ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"])
+        samples = pick(self.data.splits["test"], int(cfg["infer_images"]))
+        images, _ = load_all(ours_loader(cfg, samples, self.info.preprocessing, 64))
+        self.batch = 32
+        self.batches = [b.numpy() for b in images.split(self.batch)]
+        self.forward(self.batches[:1] + self.batches[-1:])  # warm-up: both batch shapes
+        say(cfg, f"{side}: {path.name}, {len(images)} preloaded images, batch {self.batch}")
+
+    def forward(self, batches: list[Any]) -> list[Any]:
+        return [self.session.run(None, {"images": batch})[0] for batch in batches]
+
+    def run(self) -> dict[str, Any]:
+        count = sum(len(b) for b in self.batches)
+        started = time.perf_counter()
+        self.forward(self.batches)
+        seconds = time.perf_counter() - started
+        return {"images": count, "seconds": seconds, "images_per_s": count / seconds}
+
+    def finish(self) -> dict[str, Any]:
+        count = int(self.cfg["acc_images"]) or len(self.data.splits["test"])
+        samples = pick(self.data.splits["test"], min(count, len(self.data.splits["test"])), seed=1)
+        predicted, labels = [], []
+        for images, targets in ours_loader(self.cfg, samples, self.info.preprocessing, 64):
+            predicted.extend(int(p) for logits in self.forward([images.numpy()]) for p in logits.argmax(1))
+            labels.extend(int(t) for t in targets)
+        correct = sum(p == t for p, t in zip(predicted, labels, strict=True))
+        return {
+            "model": "INT8 (QDQ, per-channel)" if self.side == "ours" else "float32",
+            "size_mb": self.path.stat().st_size / 1e6,
+            "batch": self.batch,
+            "image_size": self.info.preprocessing.image_size,
+            "calibration_seconds": self.calibration_seconds,
+            "test_images": len(labels),
+            "test_acc": correct / max(1, len(labels)),
+            "predictions": predicted,
+        }
+
+    def close(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
 SECTIONS = {
     "matmul_peak": MatmulPeak,
     "data_loading": DataLoading,
@@ -1220,7 +1520,9 @@ SECTIONS = {
     "stage2_epoch": Stage2Epoch,
     "predict": Predict,
     "memory": Memory,
+    "scale": Scale,
     "recipe": Recipe,
+    "int8": Int8,
 }
 
 

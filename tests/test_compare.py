@@ -90,3 +90,51 @@ def test_trainable_parameters_follow_the_finetune_recipe() -> None:
     _, top_two = count_parameters(model, True, 2, False)
     _, top_two_bn = count_parameters(model, True, 2, True)
     assert head < top_two < top_two_bn < total
+
+
+def write_predictions(run_dir: Path, correct: list[bool]) -> None:
+    """An eval-test/predictions.csv of photos p000.jpg, ...: right where ``correct`` says."""
+    folder = run_dir / "eval-test"
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / "predictions.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["file", "true", "predicted", "confidence"])
+        for i, right in enumerate(correct):
+            writer.writerow([f"p{i:03d}.jpg", "apple_pie", "apple_pie" if right else "baklava", "0.9"])
+
+
+def recommend(tiny_run: TinyRun, tmp_path: Path, best: list[bool], second: list[bool]) -> str:
+    root = tmp_path / "runs"
+    for name, correct in (("best", best), ("second", second)):
+        run = copy_run(tiny_run, root / name, **{"test/acc": sum(correct) / len(correct)})
+        write_predictions(run, correct)
+    compare(compose_tool("compare", f"runs={root}", "throughput=false"))
+    return (root / "leaderboard.md").read_text()
+
+
+def test_recommendation_calls_identical_predictions_not_significant(
+    tiny_run: TinyRun, tmp_path: Path
+) -> None:
+    correct = [i % 10 != 0 for i in range(400)]  # both 90 %, photo for photo
+    markdown = recommend(tiny_run, tmp_path, correct, correct[:200] + correct[200:])
+    assert "0.0 percentage points behind, not significant at 95 %" in markdown
+    assert (
+        "McNemar's paired test on the same 400 test photos: 0 only `best` got right, 0 only `second`"
+        in markdown
+    )
+
+
+def test_recommendation_calls_a_clearly_better_run_significant(tiny_run: TinyRun, tmp_path: Path) -> None:
+    best = [i % 20 != 0 for i in range(400)]  # 95 %
+    second = [right and i % 5 != 1 for i, right in enumerate(best)]  # 75 %: 80 photos fewer, none more
+    markdown = recommend(tiny_run, tmp_path, best, second)
+    assert "20.0 percentage points behind: significant at 95 %" in markdown
+    assert "80 only `best` got right, 0 only `second`" in markdown
+
+
+def test_recommendation_without_predictions_weighs_the_test_set_size(runs: Path) -> None:
+    """No eval-test/predictions.csv: the noise of the test set's size, from metrics.json's test_images
+    (the clause had read a key no longer written, and never appeared)."""
+    compare(compose_tool("compare", f"runs=[{runs / '1'},{runs / '2'}]", "throughput=false"))
+    images = json.loads((runs / "1" / "metrics.json").read_text())["test_images"]
+    assert f"beyond the noise of its {images}-image test set" in (runs / "leaderboard.md").read_text()

@@ -19,16 +19,17 @@ from .conftest import TinyRun, compose_tool
 
 def check_exported(tiny_run: TinyRun, exported: Path, tmp_path: Path) -> None:
     model, info, _ = load_checkpoint_model(tiny_run.checkpoint)
-    loaded = Predictor(exported, device="cpu", precision="32")
+    loaded = Predictor(exported, device="cpu", precision="32", trust_torchscript=True)  # exported here
     assert loaded.class_names == list(tiny_run.classes)
     assert loaded.preprocessing == info.preprocessing
     images = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
-        expected = model(images)
+        expected = model(images) / info.calibration.temperature  # the graph holds the temperature
+    assert info.calibration.fitted and loaded.calibration.in_graph
     torch.testing.assert_close(loaded.logits(images), expected, rtol=1e-4, atol=1e-4)
 
     photos = [tiny_run.data_root / "test"]
-    overrides = ("precision=32", "top_k=2")
+    overrides = ("precision=32", "top_k=2", "trust_torchscript=true")
     inputs = f"inputs=[{photos[0]}]"
     _, from_checkpoint, _ = predict(
         compose_tool("predict", f"ckpt_path={tiny_run.checkpoint}", inputs, *overrides)

@@ -3,7 +3,9 @@ clear errors for bad config values and damaged or foreign checkpoints, sweep exi
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 
 from foodvision.checkpoints import read_checkpoint
@@ -289,3 +292,230 @@ def test_sigkill_resume_repeats_no_epoch_and_ends_with_the_uninterrupted_weights
     assert at_kill["global_step"] == 4 * steps_per_epoch
     for key, value in reference["state_dict"].items():
         assert torch.equal(final["state_dict"][key], value), key
+    assert len(list((run_dir / ".hydra").glob("resume-*/overrides.yaml"))) == 1  # the resume's own record
+
+
+def _kill_then_resume(common: list[str], root: Path, kills: list[int]) -> tuple[Path, list[dict], str]:
+    """Run ``common`` under ``root``, SIGKILLed in epoch ``kills[0]`` (so last.ckpt holds the epoch before),
+    resumed with ckpt_path=last and killed again in each further epoch of ``kills``, then resumed to the
+    end: (run dir, last.ckpt at each kill, what the resumed runs logged)."""
+    at_kills = []
+    run_dir = None
+    log_before = ""
+    for number, epoch in enumerate(kills):
+        kill = ["+callbacks.killer._target_=tests.killer.KillAt", f"+callbacks.killer.epoch={epoch}"]
+        resume = ["ckpt_path=last"] if number else []
+        killed = run_cli("train.py", *common, f"paths.root_dir={root}", *kill, *resume, cwd=ROOT)
+        assert killed.returncode == -9, killed.stderr[-2000:]
+        (run_dir,) = (root / "lightning_logs" / "runs").iterdir()
+        at_kills.append(_last(run_dir))
+        log_before = log_before or (run_dir / "train.log").read_text()
+    assert run_dir is not None
+    resumed = run_cli("train.py", *common, f"paths.root_dir={root}", "ckpt_path=last", cwd=root)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    return run_dir, at_kills, (run_dir / "train.log").read_text()[len(log_before) :]
+
+
+CACHED_RECIPE = [
+    "data=imagefolder",
+    "data.image_size=32",
+    "data.batch_size=8",
+    "data.num_workers=0",
+    "trainer.precision=32-true",
+    "test=false",
+    *QUIET,
+]
+TWO_STAGE = ["model=mobilenetv2_ft", "callbacks.finetune.stage1_epochs=2", "trainer.max_epochs=4"]
+
+
+@pytest.fixture(scope="module")
+def cached_recipe_runs(tmp_path_factory: pytest.TempPathFactory):
+    """A small tree (3 classes: 12/4/4 photos) and each recipe's uninterrupted run, trained once per module."""
+    base = tmp_path_factory.mktemp("cached_recipes")
+    data = base / "food3"
+    for split, count, seed in (("train", 12, 0), ("validation", 4, 100), ("test", 4, 200)):
+        make_class_tree(data / split, ["apple_pie", "baklava", "bibimbap"], count, start_seed=seed)
+    references: dict[str, dict] = {}
+
+    def reference(name: str, recipe: list[str]) -> dict:
+        if name not in references:
+            root = base / f"straight-{name}"
+            common = [*CACHED_RECIPE, f"data.root={data}", *recipe]
+            straight = run_cli("train.py", *common, f"paths.root_dir={root}", cwd=base)
+            assert straight.returncode == 0, straight.stderr[-2000:]
+            (run_dir,) = (root / "lightning_logs" / "runs").iterdir()
+            references[name] = _last(run_dir)
+        return references[name]
+
+    return data, reference
+
+
+@pytest.mark.parametrize(
+    ("name", "recipe", "kills"),
+    [
+        pytest.param(
+            "features", ["experiment=mobilenetv2_features", "trainer.max_epochs=3"], [1], id="features"
+        ),
+        pytest.param("two_stage", TWO_STAGE, [1, 2, 3], id="two-stage-stage1-switch-stage2"),
+    ],
+)
+def test_sigkill_resume_of_the_cached_feature_recipes_is_bit_exact(
+    cached_recipe_runs, tmp_path: Path, name: str, recipe: list[str], kills: list[int]
+) -> None:
+    """The cached-feature recipes SIGKILLed and resumed from last.ckpt, on the cache the killed run built:
+    the head on cached pooled features (killed in epoch 1); two stages, stage 2 on cached feature maps,
+    killed in stage 1 (epoch 1), right after the last stage-1 epoch (epoch 2: resumed at the switch) and in
+    stage 2 (epoch 3), resumed each time. They end with the uninterrupted run's weights, bit for bit (the
+    first epoch after a resume had drawn other dropout masks: its data iterator moved torch's global RNG)."""
+    data, reference = cached_recipe_runs
+    expected = reference(name, recipe)
+    run_dir, at_kills, resumed_log = _kill_then_resume(
+        [*CACHED_RECIPE, f"data.root={data}", *recipe], tmp_path / "killed", kills
+    )
+    assert [at_kill["epoch"] for at_kill in at_kills] == [epoch - 1 for epoch in kills]
+    assert "feature cache hit" in resumed_log  # the resumed runs trained on cached features, as the original
+    final = _last(run_dir)
+    assert final["epoch"] == expected["epoch"] and final["global_step"] == expected["global_step"]
+    differing = [k for k, v in expected["state_dict"].items() if not torch.equal(final["state_dict"][k], v)]
+    assert differing == []
+
+
+def _snapshot(folder: Path, leave_out: str | None = None) -> dict[str, bytes]:
+    """Every file under ``folder`` (dot folders included) by relative path, but names that start with
+    ``leave_out``."""
+    return {
+        str(p.relative_to(folder)): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and not (leave_out and p.name.startswith(leave_out))
+    }
+
+
+def test_last_never_resumes_a_finished_run_nor_writes_into_it(image_folder: Path, tmp_path: Path) -> None:
+    """#19: a finished run on one data root, then ckpt_path=last on a copy of that root whose own run died
+    before its first last.ckpt: refused, naming the finished run, which stays byte for byte as it was
+    (metrics.json, splits.csv, train.log, .hydra/); no stray run dir is left."""
+    common = [*SMALL, "trainer.max_epochs=1", "test=false", *QUIET, f"paths.root_dir={tmp_path}"]
+    base = run_cli("train.py", *common, f"data.root={image_folder}", cwd=tmp_path)
+    assert base.returncode == 0, base.stderr[-2000:]
+    runs = tmp_path / "lightning_logs" / "runs"
+    (finished,) = runs.iterdir()
+    before = _snapshot(finished)
+    copy = tmp_path / "k1"
+    shutil.copytree(image_folder, copy)
+    resumed = run_cli("train.py", *common, f"data.root={copy}", "ckpt_path=last", cwd=tmp_path)
+    assert resumed.returncode == 1
+    assert "no interrupted run of this config" in resumed.stderr
+    assert f"{finished} (finished (metrics.json))" in resumed.stderr
+    assert "Traceback" not in resumed.stderr
+    assert _snapshot(finished) == before
+    assert list(runs.iterdir()) == [finished]
+
+
+def test_last_picks_the_newest_interrupted_run_of_the_same_config(
+    compose_train, image_folder: Path, tmp_path: Path
+) -> None:
+    """Three runs with a last.ckpt: an interrupted one of this config (the oldest), an interrupted one on
+    another data root and a finished one of this config (the newest). ckpt_path=last with another lr is
+    refused naming all three and why; with this config it resumes the first and leaves the others alone."""
+    other_root = tmp_path / "other"
+    shutil.copytree(image_folder, other_root)
+    runs = tmp_path / "lightning_logs" / "runs"
+    common = ("experiment=scratch_baseline", "model.scratch.widths=[8]", "test=false")
+    for name, root, interrupted in (("ours", image_folder, True), ("other", other_root, True), ("done", image_folder, False)):  # fmt: skip
+        train(compose_train(*common, f"paths.output_dir={runs / name}", root=root))
+        if interrupted:  # killed after its last.ckpt, before it finished (metrics.json)
+            (runs / name / "metrics.json").unlink()
+    # TensorBoard event files left out: a finished in-process run's writer flushes whenever it is collected
+    others = {name: _snapshot(runs / name, "events.out.tfevents") for name in ("other", "done")}
+
+    with pytest.raises(ConfigError, match="no interrupted run of this config") as refused:
+        train(compose_train(*common, "optimizer.lr=1e-4", "ckpt_path=last", root=image_folder))
+    message = str(refused.value)
+    assert f"{runs / 'done'} (finished (metrics.json))" in message
+    assert f"{runs / 'other'} (another config: data.root: '{other_root}'" in message
+    assert f"{runs / 'ours'} (another config: optimizer.lr:" in message
+
+    _, metrics = train(compose_train(*common, "trainer.max_epochs=2", "ckpt_path=last", root=image_folder))
+    assert metrics["run_dir"] == str(runs / "ours")
+    assert _last(runs / "ours")["epoch"] == 1
+    for name, files in others.items():
+        now = _snapshot(runs / name, "events.out.tfevents")
+        assert sorted(now) == sorted(files), name
+        assert [path for path in files if now[path] != files[path]] == [], name
+
+
+def test_a_refused_resume_leaves_the_run_and_its_splits_as_they_were(tmp_path: Path) -> None:
+    """#19: a two-stage run on a flat tree (foodvision writes its splits.csv) SIGKILLed after its first
+    epoch; a class folder is added and the run resumed by path: refused (other classes), and nothing in the
+    run changed: splits.csv, train.log and .hydra/ byte for byte, no new file."""
+    flat = tmp_path / "flat"
+    make_class_tree(flat, ["apple_pie", "baklava", "bibimbap"], 12)
+    common = [
+        "data=imagefolder", f"data.root={flat}", "data.image_size=64", "data.batch_size=8", "data.num_workers=0",
+        "model=mobilenetv2_ft", "callbacks.finetune.stage1_epochs=1", "trainer.max_epochs=2", "test=false",
+        f"paths.root_dir={tmp_path}", *QUIET,
+    ]  # fmt: skip
+    kill = ["+callbacks.killer._target_=tests.killer.KillAt", "+callbacks.killer.epoch=1"]
+    assert run_cli("train.py", *common, *kill, cwd=ROOT).returncode == -9
+    (run_dir,) = (tmp_path / "lightning_logs" / "runs").iterdir()
+    before = _snapshot(run_dir)
+    assert "splits.csv" in before
+    make_class_tree(flat, ["churros"], 12, start_seed=500)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    resumed = run_cli("train.py", *common, f"ckpt_path={last}", cwd=tmp_path)
+    assert resumed.returncode == 1 and "classes differ" in resumed.stderr, resumed.stderr[-2000:]
+    assert _snapshot(run_dir) == before
+    assert [p.name for p in (tmp_path / "lightning_logs" / "runs").iterdir()] == [run_dir.name]
+
+
+def test_runs_started_in_the_same_second_get_their_own_dirs(image_folder: Path, tmp_path: Path) -> None:
+    """#19: two train.py runs whose run-dir names collide (same time and network: the name is given here,
+    as if both started in the same second) run at once; each gets its own dir and its own record
+    (config.yaml, hparams.yaml, metrics.json), the second one's name a suffix of the first's."""
+    same = "hydra.run.dir='${fv_run_dir:${ckpt_path},${paths.log_dir},${paths.log_dir}/runs/same-second}'"
+    common = [*SMALL, f"data.root={image_folder}", "trainer.max_epochs=1", "test=false", *QUIET, same]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    lrs = ("0.01", "1e-05")
+    processes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(ROOT / "train.py"),
+                *common,
+                f"paths.root_dir={tmp_path}",
+                f"optimizer.lr={lr}",
+            ],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for lr in lrs
+    ]
+    outputs = [process.communicate(timeout=300) for process in processes]
+    for process, (_, stderr) in zip(processes, outputs, strict=True):
+        assert process.returncode == 0, stderr[-2000:]
+    runs = tmp_path / "lightning_logs" / "runs"
+    assert sorted(p.name for p in runs.iterdir()) == ["same-second", "same-second-2"]
+    seen = set()
+    for run_dir in runs.iterdir():
+        config = OmegaConf.load(run_dir / "config.yaml")
+        hparams = OmegaConf.load(run_dir / "hparams.yaml")
+        assert float(hparams.lr) == float(config.optimizer.lr)
+        assert json.loads((run_dir / "metrics.json").read_text())["run_dir"] == str(run_dir)
+        seen.add(float(config.optimizer.lr))
+    assert seen == {float(lr) for lr in lrs}
+
+
+def test_unique_run_dir_is_an_exclusive_create_per_process(tmp_path: Path) -> None:
+    """Two processes asking for the same run-dir name get two dirs; one process asking twice (Hydra
+    resolves hydra.run.dir more than once) gets the same one."""
+    base = str(tmp_path / "runs" / "2026-01-01_00-00-00_mobilenetv2")
+    code = (
+        f"from foodvision.resume import unique_run_dir as u; print(u({base!r}), u({base!r}) == u({base!r}))"
+    )
+    answers = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split() for _ in range(2)]  # fmt: skip
+    assert [a[0] for a in answers] == [base, f"{base}-2"] and all(a[1] == "True" for a in answers)
+    assert all(Path(a[0]).is_dir() for a in answers)

@@ -175,7 +175,8 @@ def test_cli_reports_bad_file_and_exits_1(tiny_run: TinyRun, tmp_path: Path) -> 
     )
     assert result.returncode == 1, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0].split() == ["file", "top-1", "top-2"]
+    # the answer column: training saved an unknown threshold in the checkpoint ("not sure" below it)
+    assert lines[0].split() == ["file", "answer", "top-1", "top-2"]
     assert any(line.startswith(str(good)) for line in lines)
     assert f"  {bad}: " in result.stdout and "not predicted (1)" in result.stdout
     assert list(work.iterdir()) == []  # Hydra keeps no output dir for the tools

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import tempfile
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -56,16 +58,17 @@ def test_facts_examples_and_predictions(tiny_run: TinyRun, tmp_path: Path) -> No
     results = predict_files_with(predictor)([photos[0], str(text)])
     expected = top_predictions(tiny_run, [Path(photos[0])])[photos[0]]
     assert {p["class"]: p["probability"] for p in expected} == pytest.approx(
-        dict(zip(predictor.class_names, results[0].tolist(), strict=True)), abs=1e-5
+        dict(zip(predictor.class_names, results[0].probabilities.tolist(), strict=True)), abs=1e-5
     )
     assert results[1] == "notes.txt is not an image (no image format recognised)"
 
 
-def test_serve_command_prints_its_local_url_and_answers(tiny_run: TinyRun) -> None:
-    """`python serve.py ckpt_path=...`: listens on 127.0.0.1, prints the URL, classifies through its API."""
+def test_serve_command_prints_its_local_url_and_answers(tiny_run: TinyRun, tmp_path: Path) -> None:
+    """`python serve.py ckpt_path=...`: listens on 127.0.0.1, prints the URL, classifies through its API;
+    stopped (SIGTERM), it leaves no temporary example folder behind."""
     gradio_client = pytest.importorskip("gradio_client")
     port = free_port()
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "TQDM_DISABLE": "1"}
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "TQDM_DISABLE": "1", "TMPDIR": str(tmp_path)}
     process = subprocess.Popen(
         [python(), "serve.py", f"ckpt_path={tiny_run.checkpoint}", f"port={port}", "precision=32"],
         cwd=ROOT,
@@ -84,8 +87,10 @@ def test_serve_command_prints_its_local_url_and_answers(tiny_run: TinyRun) -> No
         expected = top_predictions(tiny_run, [photo])[str(photo)]
         assert label["label"] == expected[0]["class"]
         assert f"({100 * expected[0]['probability']:.1f}%)" in status and "prediction time" in status
+        assert len(list(tmp_path.glob("foodvision-serve-*/*.jpg"))) == 6
     finally:
         stop(process)
+    assert list(tmp_path.glob("foodvision-serve-*")) == []
 
 
 @pytest.fixture
@@ -160,4 +165,42 @@ def test_an_exported_onnx_model_serves_the_same_probabilities(tiny_run: TinyRun,
     got = predict_files_with(exported)(photos)
     want = predict_files_with(Predictor(tiny_run.checkpoint, precision="32"))(photos)
     for a, b in zip(got, want, strict=True):
-        assert abs(a - b).max() < 1e-5
+        assert abs(a.probabilities - b.probabilities).max() < 1e-5 and a.unknown == b.unknown
+
+
+def test_demo_explains_non_images_shows_no_server_path_and_cleans_up(
+    tiny_run: TinyRun, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The "One photo" tab gives a message for a text file named .jpg and for an empty .jpg (not only
+    "Error"); the page names the checkpoint, never its server path; the example folder goes with close()."""
+    gradio_client = pytest.importorskip("gradio_client")
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    demo = serve(
+        compose_tool(
+            "serve", f"ckpt_path={tiny_run.checkpoint}", f"port={free_port()}", "block=false", "precision=32"
+        )
+    )
+    try:
+        (examples,) = temp.glob("foodvision-serve-*")
+        assert len(list(examples.iterdir())) == 6
+        with urllib.request.urlopen(f"{demo.local_url.rstrip('/')}/config", timeout=20) as response:
+            page = response.read().decode()
+        assert tiny_run.checkpoint.name in page
+        assert str(tiny_run.checkpoint) not in page and str(tiny_run.run_dir) not in page
+
+        client = gradio_client.Client(demo.local_url, verbose=False)
+        fake = tmp_path / "fake.jpg"
+        fake.write_text("not a photo")
+        empty = tmp_path / "empty.jpg"
+        empty.write_bytes(b"")
+        for photo, message in (
+            (fake, "fake.jpg is not an image (no image format recognised)"),
+            (empty, "empty.jpg is not"),
+        ):
+            label, status = client.predict(gradio_client.handle_file(str(photo)), api_name="/classify")
+            assert not label and f"**Could not classify this file:** {message}" in status
+    finally:
+        demo.close()
+    assert list(temp.glob("foodvision-serve-*")) == []

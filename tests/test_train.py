@@ -28,6 +28,15 @@ def test_fast_dev_run_timm_backbone(compose_train, image_folder: Path) -> None:
     assert "test/f1_macro" in metrics
 
 
+def test_csv_logger_records_every_epoch_and_the_final_metrics(compose_train, image_folder: Path) -> None:
+    cfg = compose_train("experiment=scratch_baseline", "logger=csv", "trainer.max_epochs=2", root=image_folder)
+    _, metrics = train(cfg)
+    rows = (Path(cfg.paths.output_dir) / "csv" / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    assert "val/acc" in header and "hp/test/acc" in header
+    assert len(rows) > 2 and "test/acc" in metrics
+
+
 def test_run_dir_has_checkpoint_events_config_and_metrics(
     compose_train, image_folder: Path, tmp_path: Path
 ) -> None:
@@ -98,6 +107,7 @@ def test_resume_continues_from_last_checkpoint(compose_train, image_folder: Path
     )
     first = torch.load(interrupted / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert first["epoch"] == 0
+    (interrupted / "metrics.json").unlink()  # killed after its last.ckpt: a finished run is never resumed
 
     # A new invocation (new run dir) with ckpt_path=last writes on in the interrupted run's dir.
     cfg = compose_train(*common, "trainer.max_epochs=3", "ckpt_path=last", root=image_folder)

@@ -21,6 +21,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from foodvision import app_template
+from foodvision.atomic import ensure_dir, finite_json, write_text, write_with
 from foodvision.checkpoints import ModelInfo, run_dir_of
 from foodvision.errors import ToolError
 
@@ -35,7 +36,7 @@ def _prepare_folder(output: Path) -> None:
         raise ToolError(f"output={output} is a file; format=app writes a folder")
     if output.is_dir() and any(output.iterdir()) and not (output / "app.json").is_file():
         raise ToolError(f"output={output} is a non-empty folder that holds no exported app: choose another")
-    output.mkdir(parents=True, exist_ok=True)
+    ensure_dir(output)
     shutil.rmtree(output / "examples", ignore_errors=True)
 
 
@@ -125,11 +126,19 @@ with Git LFS, which Spaces needs for files over 10 MB).
 Test numbers from the training run's `{numbers.get("source", "metrics.json")}`; latency measured at export time
 on the exporting machine. Classes ({info.num_classes}): {classes}.
 
-`model.onnx` maps normalised float32 NCHW images (any batch size) to logits; its `foodvision.json` metadata
-holds the class names and the preprocessing (shorter side to {info.preprocessing.resize_size} px,
-{info.preprocessing.interpolation}; centre crop {info.preprocessing.image_size} px; mean
-{list(info.preprocessing.mean)}, std {list(info.preprocessing.std)}).
+`model.onnx` maps normalised float32 NCHW images (any batch size) to calibrated logits (divided by the
+temperature {info.calibration.temperature:.3f} fitted on validation photos, inside the graph); its
+`foodvision.json` metadata holds the class names, the preprocessing (shorter side to
+{info.preprocessing.resize_size} px, {info.preprocessing.interpolation}; centre crop
+{info.preprocessing.image_size} px; mean {list(info.preprocessing.mean)}, std {list(info.preprocessing.std)})
+and the calibration{unknown_note(info)}.
 """
+
+
+def unknown_note(info: ModelInfo) -> str:
+    """The README's sentence on the "not sure" answer ("" for a model without an unknown threshold)."""
+    fact = app_template.unknown_fact(info.calibration.to_dict())
+    return f": the app answers {fact}, still showing the top guesses" if fact else ""
 
 
 def export_app(cfg: DictConfig, ckpt_path: Path, output: Path) -> dict[str, Any]:
@@ -143,18 +152,19 @@ def export_app(cfg: DictConfig, ckpt_path: Path, output: Path) -> dict[str, Any]
     _prepare_folder(output)
     model_file = export_onnx(model, info, output / "model.onnx", ckpt_path.name, int(cfg.get("opset", 17)))
     difference = check_export(model, info, model_file) if cfg.get("check", True) else None
-    shutil.copyfile(app_template.__file__, output / "app.py")
-    (output / "requirements.txt").write_text("\n".join(REQUIREMENTS) + "\n")
-    (output / ".gitattributes").write_text("*.onnx filter=lfs diff=lfs merge=lfs -text\n")  # Spaces: LFS
+    # Each file atomically (a temporary name, then a rename): a full disk never leaves half a file.
+    write_with(output / "app.py", lambda temporary: shutil.copyfile(app_template.__file__, temporary))
+    write_text(output / "requirements.txt", "\n".join(REQUIREMENTS) + "\n")
+    write_text(output / ".gitattributes", "*.onnx filter=lfs diff=lfs merge=lfs -text\n")  # Spaces: LFS
 
     run_dir = run_dir_of(ckpt_path)
     photos = example_photos(cfg, run_dir, info.class_names, int(cfg.get("examples", 6)))
     examples = []
     if photos:
-        (output / "examples").mkdir()
+        ensure_dir(output / "examples")
         for photo in photos:
             name = f"examples/{example_name(photo)}"
-            shutil.copyfile(photo, output / name)
+            write_with(output / name, lambda temporary, photo=photo: shutil.copyfile(photo, temporary))
             examples.append(name)
 
     numbers = run_numbers(run_dir)
@@ -179,8 +189,8 @@ def export_app(cfg: DictConfig, ckpt_path: Path, output: Path) -> dict[str, Any]
         "examples": examples,
         "metrics": numbers,
     }
-    (output / "app.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
-    (output / "README.md").write_text(readme(title, info, facts, numbers))
+    write_text(output / "app.json", json.dumps(finite_json(config), indent=2, ensure_ascii=False) + "\n")
+    write_text(output / "README.md", readme(title, info, facts, numbers))
     size = sum(f.stat().st_size for f in output.rglob("*") if f.is_file()) / 1e6
     result: dict[str, Any] = {
         "output": str(output),

@@ -21,7 +21,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -72,14 +72,15 @@ def resize_size(pre: dict[str, Any]) -> int:
 
 
 def load_rgb(path: str | os.PathLike, pre: dict[str, Any]) -> Image.Image:
-    """Decode a photo to RGB (EXIF rotation applied; JPEGs decoded at the reduced size foodvision uses)."""
+    """Decode a photo to RGB (EXIF rotation applied) at the reduced size foodvision uses: JPEGs in draft
+    mode, any image still twice the working size shrunk by an integer factor (as the training data path does)."""
     size = resize_size(pre)
     try:
         with Image.open(path) as image:
             if image.format == "JPEG":
                 image.draft("RGB", (size, size))
             image.load()
-            return to_rgb(ImageOps.exif_transpose(image))
+            return _reduced(to_rgb(ImageOps.exif_transpose(_reduced(image, size))), size)
     except UnidentifiedImageError as error:
         raise NotAnImageError(f"{Path(path).name} is not an image (no image format recognised)") from error
     except (OSError, ValueError, SyntaxError) as error:
@@ -87,6 +88,16 @@ def load_rgb(path: str | os.PathLike, pre: dict[str, Any]) -> Image.Image:
         raise NotAnImageError(
             f"{Path(path).name} is not a readable image ({type(error).__name__}: {reason})"
         ) from error
+
+
+def _reduced(image: Image.Image, size: int) -> Image.Image:
+    """Shrunk by the largest integer factor that keeps both sides >= size (modes that average only)."""
+    factor = min(image.width, image.height) // max(1, size)
+    if factor < 2 or image.mode not in ("RGB", "RGBA", "RGBX", "L", "LA", "I", "F", "CMYK"):
+        return image
+    reduced = image.reduce(factor)
+    reduced.info = dict(image.info)  # the EXIF orientation
+    return reduced
 
 
 def preprocess(image: Image.Image, pre: dict[str, Any]) -> np.ndarray:
@@ -125,6 +136,50 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return exp / exp.sum(axis=1, keepdims=True)
 
 
+NOT_SURE = "not sure"  # the answer to a photo below the model's unknown threshold
+
+
+# ---- "not sure": the model's unknown threshold (the calibration module's numpy twin) --------------------------
+class Answer(NamedTuple):
+    """One photo's class probabilities, and whether the model is not sure of it: its score is below the
+    threshold chosen on validation photos (probably none of the model's classes)."""
+
+    probabilities: np.ndarray
+    unknown: bool = False
+
+
+def answer_of(result: Any) -> Answer:
+    """An :class:`Answer` from what a ``predict_files`` gives for a readable photo (an Answer, or bare
+    probabilities: never unknown)."""
+    return result if isinstance(result, Answer) else Answer(np.asarray(result), False)
+
+
+def unknown_score(logits: np.ndarray, score: str) -> np.ndarray:
+    """Per photo, how much it looks like the model's classes (higher: more), from calibrated logits: the
+    top probability, the energy (logsumexp) or the top logit."""
+    logits = np.asarray(logits, dtype=np.float64)
+    if score == "energy":
+        top = logits.max(axis=1)
+        return top + np.log(np.exp(logits - top[:, None]).sum(axis=1))
+    if score == "max_logit":
+        return logits.max(axis=1)
+    return softmax(logits).max(axis=1)
+
+
+def unknown_fact(calibration: dict[str, Any]) -> str:
+    """The page's line on the unknown answer, from the model's calibration metadata ("" without one)."""
+    threshold = calibration.get("unknown_threshold")
+    if threshold is None:
+        return ""
+    score = calibration.get("unknown_score", "probability")
+    keep = calibration.get("keep")
+    below = (
+        f"{100 * threshold:.1f}% top probability" if score == "probability" else f"{score} {threshold:.3g}"
+    )
+    kept = f" (keeps {100 * keep:.0f}% of correct validation answers)" if keep else ""
+    return f"'not sure' below {below}{kept}"
+
+
 # ---- the model -------------------------------------------------------------------------------------------
 class OnnxClassifier:
     """model.onnx (exported by foodvision) run with ONNX Runtime; its metadata names classes and preprocessing."""
@@ -146,14 +201,30 @@ class OnnxClassifier:
         self.preprocessing: dict[str, Any] = dict(self.meta["preprocessing"])
         self.input_name = self.session.get_inputs()[0].name
         self.provider = self.session.get_providers()[0]
+        # Temperature (in the graph of foodvision's exports) and unknown threshold fitted on validation.
+        self.calibration: dict[str, Any] = dict(self.meta.get("calibration") or {})
+
+    def logits(self, images: np.ndarray) -> np.ndarray:
+        """Calibrated logits (foodvision's exports divide by the temperature in their graph)."""
+        logits = self.session.run(None, {self.input_name: np.ascontiguousarray(images, dtype=np.float32)})[0]
+        logits = np.asarray(logits, dtype=np.float32)
+        if not self.calibration.get("in_graph", True):
+            logits = logits / np.float32(self.calibration.get("temperature", 1.0))
+        return logits
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
-        logits = self.session.run(None, {self.input_name: np.ascontiguousarray(images, dtype=np.float32)})[0]
-        return softmax(np.asarray(logits, dtype=np.float32))
+        return softmax(self.logits(images))
 
-    def predict_files(self, paths: Sequence[str | os.PathLike]) -> list[np.ndarray | str]:
-        """Per file: class probabilities, or why it could not be read."""
-        results: list[np.ndarray | str] = []
+    def unknown(self, logits: np.ndarray) -> np.ndarray:
+        """Per photo: below the model's unknown threshold (all False without one)."""
+        threshold = self.calibration.get("unknown_threshold")
+        if threshold is None:
+            return np.zeros(len(logits), dtype=bool)
+        return unknown_score(logits, str(self.calibration.get("unknown_score", "probability"))) < threshold
+
+    def predict_files(self, paths: Sequence[str | os.PathLike]) -> list[Answer | str]:
+        """Per file: its :class:`Answer` (class probabilities, not sure or not), or why it could not be read."""
+        results: list[Answer | str] = []
         good: list[int] = []
         arrays: list[np.ndarray] = []
         for path in paths:
@@ -166,9 +237,9 @@ class OnnxClassifier:
             except FileNotFoundError:
                 results.append(f"{Path(path).name}: file not found")
         if arrays:
-            probabilities = self.probabilities(np.stack(arrays))
-            for index, row in zip(good, probabilities, strict=True):
-                results[index] = row
+            logits = self.logits(np.stack(arrays))
+            for index, row, unknown in zip(good, softmax(logits), self.unknown(logits), strict=True):
+                results[index] = Answer(row, bool(unknown))
         return results
 
 
@@ -186,6 +257,7 @@ table.fv-facts td {overflow-wrap: anywhere}
 .fv-bar div.track {background: #eee; width: 140px; height: 10px; border-radius: 5px}
 .fv-bar div.fill {background: #f97316; height: 10px; border-radius: 5px}
 .fv-error {color: #b91c1c; font-weight: 600}
+.fv-unknown {color: #92400e; font-weight: 600; margin-bottom: 2px}
 """
 
 SYSTEM_FONTS = ["ui-sans-serif", "system-ui", "Segoe UI", "Roboto", "Helvetica", "Arial", "sans-serif"]
@@ -217,7 +289,7 @@ def facts_html(facts: dict[str, Any]) -> str:
 
 
 def results_html(
-    paths: Sequence[str], results: Sequence[np.ndarray | str], class_names: Sequence[str], k: int, ms: float
+    paths: Sequence[str], results: Sequence[Any], class_names: Sequence[str], k: int, ms: float
 ) -> str:
     rows = []
     for path, result in zip(paths, results, strict=True):
@@ -225,8 +297,9 @@ def results_html(
         if isinstance(result, str):
             cell = f'<span class="fv-error">{html.escape(result)}</span>'
         else:
-            bars = []
-            for label, p in top_k(result, class_names, k).items():
+            answer = answer_of(result)
+            bars = [f'<div class="fv-unknown">{NOT_SURE}</div>'] if answer.unknown else []
+            for label, p in top_k(answer.probabilities, class_names, k).items():
                 bars.append(
                     f'<div class="fv-bar"><span class="name">{html.escape(label)}</span>'
                     f'<div class="track"><div class="fill" style="width:{100 * p:.1f}%"></div></div>'
@@ -249,6 +322,28 @@ def results_html(
 PredictFiles = Callable[[Sequence[str]], Sequence[Any]]
 
 
+def photo_input(**kwargs: Any) -> Any:
+    """A ``gr.Image`` that hands an upload Pillow cannot open (a text file named .jpg, an empty file) to
+    the classifier, whose message says what is wrong with it; ``gr.Image`` itself raises, and the page
+    showed only "Error" (with a traceback in the server's log)."""
+    import gradio as gr
+
+    class PhotoInput(gr.Image):
+        def get_block_name(self) -> str:
+            return "image"  # the frontend's Image component
+
+        def preprocess(self, payload: Any) -> Any:
+            try:
+                return super().preprocess(payload)
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+                path = getattr(payload, "path", None)
+                if not path:
+                    raise
+                return str(path)
+
+    return PhotoInput(**kwargs)
+
+
 def build_demo(
     predict_files: PredictFiles,
     class_names: Sequence[str],
@@ -259,8 +354,9 @@ def build_demo(
     description: str = "",
 ) -> Any:
     """The page: one photo (upload, drop, paste, webcam) with top-k bars and time; several photos as a
-    table; the model's facts; example photos. ``predict_files(paths)`` returns per path the class
-    probabilities or a message saying why the file could not be classified."""
+    table; the model's facts; example photos. ``predict_files(paths)`` returns per path an
+    :class:`Answer` (or bare class probabilities) or a message saying why the file could not be
+    classified; a "not sure" answer says so above its top guesses."""
     import gradio as gr
 
     k = max(1, min(int(k), len(class_names)))
@@ -273,8 +369,14 @@ def build_demo(
         ms = 1000 * (time.perf_counter() - started)
         if isinstance(result, str):
             return None, f"**Could not classify this file:** {result}"
-        best = top_k(result, class_names, k)
+        answer = answer_of(result)
+        best = top_k(answer.probabilities, class_names, k)
         name, p = next(iter(best.items()))
+        if answer.unknown:  # still the top guesses, under a clear "not sure"
+            return best, (
+                f"**{NOT_SURE.capitalize()}:** this may be none of the {len(class_names)} classes; best guess "
+                f"{name} ({100 * p:.1f}%) - prediction time {ms:.0f} ms"
+            )
         return best, f"**{name}** ({100 * p:.1f}%) - prediction time {ms:.0f} ms"
 
     def classify_many(files: Sequence[Any] | None) -> str:
@@ -292,8 +394,9 @@ def build_demo(
                 with gr.Tab("One photo"):
                     with gr.Row():
                         with gr.Column():
-                            image = gr.Image(
+                            image = photo_input(
                                 type="filepath",
+                                image_mode=None,  # the file as uploaded, read as predict.py reads it
                                 sources=["upload", "webcam", "clipboard"],
                                 label="Photo: drop, upload, paste or take one",
                                 elem_id="photo",
@@ -356,6 +459,8 @@ def launch(
 def app_facts(config: dict[str, Any], model: OnnxClassifier) -> dict[str, Any]:
     facts = dict(config.get("facts") or {})
     facts["runs on"] = f"ONNX Runtime ({model.provider.replace('ExecutionProvider', '')})"
+    if unknown_fact(model.calibration):
+        facts.setdefault("unknown answers", unknown_fact(model.calibration))
     return facts
 
 
@@ -369,22 +474,26 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     model = OnnxClassifier(args.model)
     config_file = HERE / "app.json"
-    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
     if args.predict:
         for path, result in zip(args.predict, model.predict_files(args.predict), strict=True):
             if isinstance(result, str):
                 print(json.dumps({"file": path, "error": result}))
             else:
-                print(
-                    json.dumps(
-                        {
-                            "file": path,
-                            "probabilities": dict(zip(model.class_names, result.tolist(), strict=True)),
-                        }
-                    )
-                )
+                line = {
+                    "file": path,
+                    "probabilities": dict(zip(model.class_names, result.probabilities.tolist(), strict=True)),
+                }
+                if model.calibration.get("unknown_threshold") is not None:
+                    line["unknown"] = result.unknown
+                print(json.dumps(line))
         return
-    examples = [str(HERE / e) for e in config.get("examples", []) if (HERE / e).is_file()]
+    folder = (HERE / "examples").resolve()
+    examples = [
+        str(HERE / e)
+        for e in config.get("examples", [])
+        if (HERE / e).is_file() and (HERE / e).resolve().is_relative_to(folder)  # only what is served
+    ]
     demo = build_demo(
         model.predict_files,
         model.class_names,
@@ -394,7 +503,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         int(config.get("top_k", 5)),
         config.get("description", ""),
     )
-    launch(demo, args.host, args.port, args.share, allowed_paths=[str(HERE)])
+    # Only the example photos are served over HTTP: never the app's folder (it may hold .env, .git/, ...).
+    allowed = [str(HERE / "examples")] if (HERE / "examples").is_dir() else []
+    launch(demo, args.host, args.port, args.share, allowed_paths=allowed)
 
 
 if __name__ == "__main__":

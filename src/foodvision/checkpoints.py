@@ -6,6 +6,7 @@ config or data. Checkpoints are read with ``weights_only=True``: nothing in them
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import re
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from foodvision.calibration import Calibration
 from foodvision.data.transforms import Preprocessing
 from foodvision.engine import (
     session_options,
@@ -44,6 +46,9 @@ class ModelInfo:
     preprocessing: Preprocessing
     model: dict[str, Any] = field(default_factory=dict)
     weights_source: str = ""
+    # Temperature and "unknown" threshold fitted on validation (foodvision.calibration); metadata written
+    # before calibration existed reads as temperature 1, no threshold.
+    calibration: Calibration = field(default_factory=Calibration)
 
     @property
     def num_classes(self) -> int:
@@ -63,6 +68,7 @@ class ModelInfo:
             "preprocessing": self.preprocessing.to_dict(),
             "model": dict(self.model),
             "weights_source": self.weights_source,
+            "calibration": self.calibration.to_dict(),
         }
 
     @classmethod
@@ -76,8 +82,18 @@ class ModelInfo:
             ) from error
         if not names:
             raise ModelLoadError(f"{where}: the foodvision metadata lists no classes")
+        try:
+            calibration = Calibration.from_dict(values.get("calibration"))
+        except (TypeError, ValueError) as error:
+            raise ModelLoadError(
+                f"{where}: the calibration in the foodvision metadata is damaged ({error})"
+            ) from error
         return cls(
-            names, preprocessing, dict(values.get("model") or {}), str(values.get("weights_source", ""))
+            names,
+            preprocessing,
+            dict(values.get("model") or {}),
+            str(values.get("weights_source", "")),
+            calibration,
         )
 
 
@@ -134,6 +150,11 @@ def _load_failure_reason(path: Path, error: Exception) -> str:
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """``torch.load(weights_only=True)`` with errors that say why a file is not a usable checkpoint."""
     path = require_file(path)
+    if is_torchscript(path):  # never handed to torch.load, which dispatches such archives to torch.jit.load
+        raise ModelLoadError(
+            f"cannot load {path}: it is a TorchScript program, not a checkpoint, and foodvision does not run "
+            f"it as one ({TORCHSCRIPT_IS_CODE}); use the run's .ckpt or an ONNX export"
+        )
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - torch raises many types for foreign files
@@ -221,16 +242,33 @@ def load_checkpoint_model(path: str | Path) -> tuple[nn.Module, ModelInfo, dict[
     return model.eval(), info, checkpoint
 
 
+def save_calibration(path: str | Path, calibration: Calibration) -> ModelInfo:
+    """Rewrite the training checkpoint ``path`` with ``calibration`` in its metadata (weights, optimizer
+    state and everything else unchanged), atomically: a failed write leaves the previous file. Returns
+    the metadata now saved."""
+    from foodvision.atomic import save_torch
+
+    checkpoint = read_checkpoint(path)
+    info = dataclasses.replace(checkpoint_info(checkpoint, path), calibration=calibration)
+    checkpoint[CHECKPOINT_KEY] = info.to_dict()
+    save_torch(path, checkpoint)
+    return info
+
+
 # ---- exported files ----------------------------------------------------------------------------------
 def export_metadata(info: ModelInfo, **extra: Any) -> str:
     return json.dumps({"metadata_version": METADATA_VERSION, **info.to_dict(), **extra}, indent=1)
 
 
 def is_torchscript(path: Path) -> bool:
-    if not zipfile.is_zipfile(path):
+    """A zip archive holding TorchScript code (``<archive>/code/``), seen from its file list alone."""
+    try:
+        if not zipfile.is_zipfile(path):
+            return False
+        with zipfile.ZipFile(path) as archive:
+            return any("/code/" in name for name in archive.namelist())
+    except (OSError, zipfile.BadZipFile):
         return False
-    with zipfile.ZipFile(path) as archive:
-        return any("/code/" in name for name in archive.namelist())
 
 
 def model_format(path: Path) -> str:
@@ -253,19 +291,57 @@ def quiet_jit() -> Iterator[None]:
         yield
 
 
-def load_torchscript_file(path: Path, device: torch.device) -> tuple[Any, ModelInfo]:
-    extra = {META_KEY: ""}
+TORCHSCRIPT_IS_CODE = (
+    "TorchScript is a program, not weights: loading it runs the code it holds (its __setstate__ runs on "
+    "load, with your permissions)"
+)
+MAX_METADATA_BYTES = 1 << 20  # foodvision.json is a few KB; never inflate more than this from a foreign zip
+
+
+def read_torchscript_metadata(path: Path) -> str:
+    """The ``foodvision.json`` extra file of a TorchScript archive, read with :mod:`zipfile` (nothing loaded
+    or run); ``""`` when there is none."""
     try:
-        with quiet_jit():
-            module = torch.jit.load(str(path), map_location=device, _extra_files=extra)
-    except Exception as error:  # noqa: BLE001
-        raise ModelLoadError(f"cannot load TorchScript model {path}: {error}") from error
-    if not extra[META_KEY]:
+        with zipfile.ZipFile(path) as archive:
+            for entry in archive.infolist():
+                parts = entry.filename.split("/")
+                if len(parts) == 3 and parts[1:] == ["extra", META_KEY]:
+                    if entry.file_size > MAX_METADATA_BYTES:
+                        raise ModelLoadError(
+                            f"{path}: its {META_KEY} is {entry.file_size} bytes, not foodvision metadata"
+                        )
+                    return archive.read(entry).decode("utf-8")
+    except (OSError, zipfile.BadZipFile, UnicodeDecodeError) as error:
+        raise ModelLoadError(f"cannot read TorchScript model {path}: {error}") from None
+    return ""
+
+
+def load_torchscript_file(path: Path, device: torch.device, trust: bool = False) -> tuple[Any, ModelInfo]:
+    """An exported TorchScript model and its metadata. TorchScript is code, so it is loaded only with
+    ``trust=True`` (``trust_torchscript=true``): a digest or signature inside the file would prove nothing,
+    since whoever wrote the program can write a matching one too. The metadata is read first, as data."""
+    meta = read_torchscript_metadata(path)
+    if not meta:
         raise ModelLoadError(
             f"{path} is a TorchScript model without foodvision metadata ({META_KEY}); export it with "
-            "`python export.py ckpt_path=... format=torchscript`"
+            "`python export.py ckpt_path=... format=onnx` (or format=torchscript)"
         )
-    return module.eval(), ModelInfo.from_dict(json.loads(extra[META_KEY]), path)
+    if not trust:
+        raise ModelLoadError(
+            f"{path} is a TorchScript file, not loaded: {TORCHSCRIPT_IS_CODE}. Load it only if you trust "
+            "where it came from, with trust_torchscript=true; otherwise use the run's .ckpt or an ONNX export "
+            "(`python export.py ckpt_path=<run>/checkpoints/last.ckpt format=onnx`), which load as data"
+        )
+    try:
+        info = ModelInfo.from_dict(json.loads(meta), path)
+    except ValueError as error:  # not JSON
+        raise ModelLoadError(f"{path}: the foodvision metadata is not JSON ({error})") from None
+    try:
+        with quiet_jit():
+            module = torch.jit.load(str(path), map_location=device)
+    except Exception as error:  # noqa: BLE001
+        raise ModelLoadError(f"cannot load TorchScript model {path}: {error}") from error
+    return module.eval(), info
 
 
 def load_onnx_file(path: Path) -> tuple[Any, ModelInfo]:

@@ -10,6 +10,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from foodvision.atomic import disk_error
 from foodvision.data.images import BadImageError
 from foodvision.data.sources import DataLayoutError
 from foodvision.errors import ToolError
@@ -34,6 +35,12 @@ def run_tool(function: Callable[[DictConfig], Any], cfg: DictConfig, error_code:
         code = function(cfg)
     except EXPECTED_ERRORS as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
+        sys.exit(error_code)
+    except Exception as error:  # a full disk or read-only folder met by a writer that is not ours
+        disk = disk_error(error)
+        if disk is None:
+            raise
+        print(f"error: {disk}", file=sys.stderr, flush=True)
         sys.exit(error_code)
     if isinstance(code, int) and not isinstance(code, bool) and code:
         sys.exit(code)

@@ -4,7 +4,9 @@ One row per run, sorted by test accuracy: recipe (model, lr, epochs, augmentatio
 train/val/test accuracy, test loss and macro F1, parameters (total and trainable), checkpoint size,
 training time and the inference throughput measured now, on this machine. Runs that failed or are
 incomplete are listed with their status. Writes ``leaderboard.csv``, ``leaderboard.md`` (with a
-recommendation) and the same as one HTML page, ``leaderboard.html``.
+recommendation) and the same as one HTML page, ``leaderboard.html``. The recommendation says whether the
+best run is significantly better than the runner-up: McNemar's paired test on the per-photo correctness
+of their ``eval-test/predictions.csv`` when both were tested on the same photos.
 """
 
 from __future__ import annotations
@@ -21,11 +23,13 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from foodvision.atomic import atomic_open, write_text
 from foodvision.checkpoints import load_checkpoint_model
 from foodvision.cli import CONFIG_DIR, required, run_tool
 from foodvision.errors import ModelLoadError, ToolError
 from foodvision.inference import measure_throughput, resolve_precision
 from foodvision.recipe import finetune_settings, recipe_summary
+from foodvision.statistics import mcnemar, significant
 from foodvision.sweep import FAILED_FILE  # written by failing multirun trials
 from foodvision.tables import format_cell, markdown_table
 
@@ -166,9 +170,17 @@ def run_row(
     config_file = next(
         (f for f in (run_dir / "config.yaml", run_dir / ".hydra" / "config.yaml") if f.is_file()), None
     )
-    config = OmegaConf.load(config_file) if config_file is not None else None
-    if config is None:
+    config = None
+    if config_file is None:
         problems.append("no config.yaml")
+    else:
+        try:  # read as data only: nothing in a run's config is ever instantiated here
+            config = OmegaConf.load(config_file)
+        except Exception as error:  # noqa: BLE001 - a damaged or foreign file: this run's note says so
+            problems.append(f"unreadable {config_file.name} ({type(error).__name__})")
+        if config is not None and not isinstance(config, DictConfig):
+            problems.append(f"{config_file.name} is not a mapping")
+            config = None
     recipe = recipe_summary(config) if config is not None else {}
     finetune = finetune_settings(config)
     row.update(recipe)
@@ -242,7 +254,7 @@ def rank_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 # ---- output --------------------------------------------------------------------------------------------
 def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
     keys = [key for key, _ in COLUMNS]
-    with path.open("w", newline="") as handle:
+    with atomic_open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(keys)
         for row in rows:
@@ -260,11 +272,76 @@ def leaderboard_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def _test_images(run_dir: Path) -> int | None:
+    """How many photos the run was tested on: ``test_images`` of its metrics.json (train.py), else
+    ``num_images`` of eval-test/metrics.json (eval.py)."""
+    for path, key in (
+        (run_dir / "metrics.json", "test_images"),
+        (run_dir / "eval-test" / "metrics.json", "num_images"),
+    ):
+        try:
+            value = json.loads(path.read_text()).get(key)
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+# ---- paired comparison of the two best runs --------------------------------------------------------------
+def read_test_predictions(run_dir: Path) -> dict[str, tuple[str, bool]] | None:
+    """Per test photo of the run (eval-test/predictions.csv, as eval.py and train.py write it): its true
+    class and whether the run got it right; None without a readable file."""
+    path = run_dir / "eval-test" / "predictions.csv"
     try:
-        confusion = json.loads((run_dir / "metrics.json").read_text()).get("confusion_matrix")
-        return int(sum(map(sum, confusion))) if confusion else None
-    except (OSError, ValueError, TypeError):
+        with path.open(newline="", encoding="utf-8") as handle:
+            return {r["file"]: (r["true"], r["true"] == r["predicted"]) for r in csv.DictReader(handle)}
+    except (OSError, KeyError, ValueError, csv.Error) as error:
+        if path.exists():
+            log.warning("paired test: cannot read %s (%s)", path, error)
         return None
+
+
+def paired_test(best: dict[str, Any], second: dict[str, Any]) -> dict[str, Any] | None:
+    """McNemar's test (foodvision.statistics) of the two runs' per-photo correctness, when both were
+    evaluated on the same photos (same files, same true classes); None otherwise (``reason`` in a dict
+    with ``p_value`` None when the photos differ)."""
+    a, b = read_test_predictions(Path(best["path"])), read_test_predictions(Path(second["path"]))
+    if a is None or b is None:
+        return None
+    if set(a) != set(b) or any(a[f][0] != b[f][0] for f in a):
+        return {"p_value": None, "reason": "they were tested on different photos"}
+    files = sorted(a)
+    return mcnemar([a[f][1] for f in files], [b[f][1] for f in files])
+
+
+def _paired_verdict(best: dict[str, Any], second: dict[str, Any], gap: float) -> str:
+    """The sentence after "is N points behind": McNemar's verdict and what to prefer, else the noise of
+    the test set's size."""
+    paired = paired_test(best, second)
+    if paired is not None and paired["p_value"] is not None:
+        counts = (
+            f"McNemar's paired test on the same {paired['photos']:,} test photos: {paired['only_a']} only "
+            f"`{best['run']}` got right, {paired['only_b']} only `{second['run']}`; p = {paired['p_value']:.2g}"
+        )
+        if significant(paired["p_value"]):
+            return f": significant at 95 % ({counts})."
+        cheaper = []
+        if (second.get("params_total") or math.inf) < (best.get("params_total") or 0):
+            cheaper.append("smaller")
+        if (second.get("images_per_second") or 0) > (best.get("images_per_second") or math.inf):
+            cheaper.append("faster")
+        if cheaper:
+            advice = f"prefer the {'/'.join(cheaper)} `{second['run']}` unless those {_points(gap)} matter"
+        else:
+            advice = f"a tie within noise; `{best['run']}` is no larger or slower, so it stays the choice"
+        return f", not significant at 95 % ({counts}): {advice}."
+    n = _test_images(Path(best["path"]))
+    different = f" ({paired['reason']}: no paired test)" if paired is not None else ""
+    if not n:
+        return f"{different}."
+    error = math.sqrt(max(best["test_acc"] * (1 - best["test_acc"]), 1e-9) / n)
+    verdict = "beyond" if gap > 2 * error else "within"
+    return f", {verdict} the noise of its {n}-image test set (2 standard errors: {_points(2 * error)}){different}."
 
 
 def _points(difference: float) -> str:
@@ -300,15 +377,9 @@ def recommendation(rows: Sequence[dict[str, Any]]) -> str:
         return " ".join(text) + tail
     second = done[1]
     gap = best["test_acc"] - second["test_acc"]
-    n = _test_images(Path(best["path"]))
-    if n:
-        error = math.sqrt(max(best["test_acc"] * (1 - best["test_acc"]), 1e-9) / n)
-        verdict = "beyond" if gap > 2 * error else "within"
-        noise = f", {verdict} the noise of its {n}-image test set (2 standard errors: {_points(2 * error)})"
-    else:
-        noise = ""
     text.append(
-        f"The runner-up `{second['run']}` ({second.get('model', '?')}) is {_points(gap)} behind{noise}."
+        f"The runner-up `{second['run']}` ({second.get('model', '?')}) is {_points(gap)} behind"
+        + _paired_verdict(best, second, gap)
     )
     alternatives = []
     fastest = max(done, key=lambda r: r.get("images_per_second") or 0.0)
@@ -351,7 +422,7 @@ def write_markdown(
         f"Runs from: {', '.join(sources)}. Sorted by test accuracy; {throughput_note}\n\n"
         f"{leaderboard_table(rows)}\n\n## Recommendation\n\n{recommendation(rows)}\n"
     )
-    path.write_text(text)
+    write_text(path, text)
     return text
 
 
@@ -383,7 +454,7 @@ def write_html(
         f"<p>{inline_markdown(recommendation(rows))}</p>"
     )
     text = html_page("foodvision leaderboard", body)
-    path.write_text(text, encoding="utf-8")
+    write_text(path, text)  # atomically, UTF-8
     return text
 
 

@@ -30,6 +30,8 @@ def _number(value: Any) -> bool:
 Rule = tuple[str, Callable[[Any], bool], str, bool]  # key, check, what is accepted, null allowed
 
 TRAIN_RULES: tuple[Rule, ...] = (
+    # numpy's generator (seed_everything, the splits) takes 0..2**32-1; a negative seed failed in its words
+    ("seed", lambda v: _is_int(v) and 0 <= v <= 2**32 - 1, "an integer from 0 to 2**32-1", False),
     ("trainer.max_epochs", lambda v: _is_int(v) and v >= 1, "an integer >= 1", False),
     ("data.image_size", lambda v: _is_int(v) and v >= 16, "an integer >= 16 (pixels)", False),
     ("data.batch_size", lambda v: _is_int(v) and v >= 1, "an integer >= 1", False),
@@ -47,6 +49,15 @@ TRAIN_RULES: tuple[Rule, ...] = (
     ("callbacks.finetune.stage1_epochs", lambda v: _is_int(v) and v >= 0, "an integer >= 0, or null", True),
     ("callbacks.finetune.patience", lambda v: _is_int(v) and v >= 1, "an integer >= 1, or null", True),
     ("scheduler.warmup_epochs", lambda v: _number(v) and v >= 0, "a number >= 0", True),
+    (
+        "callbacks.finetune.stage1_share",
+        lambda v: _number(v) and 0 < v < 1,
+        "a number in (0, 1), or null",
+        True,
+    ),
+    ("callbacks.ema.decay", lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)", True),
+    ("augment.mixup", lambda v: _number(v) and v >= 0, "a number >= 0 (a Beta alpha; 0 = off)", True),
+    ("augment.cutmix", lambda v: _number(v) and v >= 0, "a number >= 0 (a Beta alpha; 0 = off)", True),
 )
 
 _ABSENT = object()

@@ -22,7 +22,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
 
+from foodvision import trust
+from foodvision.atomic import atomic_open, ensure_dir, finite_json, write_text
 from foodvision.checkpoints import run_dir_of
 from foodvision.cli import CONFIG_DIR, required, run_tool
 from foodvision.data.datamodule import FoodDataModule
@@ -120,6 +123,39 @@ def normalise_split(split: str) -> str:
     return split
 
 
+def load_run_config(path: Path) -> DictConfig:
+    """A run's stored ``config.yaml``, as data: a ToolError naming the file when it is not a YAML mapping."""
+    try:
+        loaded = OmegaConf.load(path)
+    except Exception as error:  # noqa: BLE001 - yaml and omegaconf raise many types for a damaged file
+        raise ToolError(f"cannot read {path}: {type(error).__name__}: {error}".splitlines()[0]) from None
+    if not isinstance(loaded, DictConfig) or not isinstance(loaded.get("data"), DictConfig):
+        raise ToolError(f"{path} is not a foodvision run config (it has no data section)")
+    return loaded
+
+
+def reject_targets(data: Any, where: str, key: str = "data") -> None:
+    """A ToolError naming the first ``_target_`` in ``data`` other than ``data._target_`` naming
+    FoodDataModule. A stored config (a downloaded run's) is read as data: foodvision builds FoodDataModule
+    itself and never lets a config choose a callable (``pathlib.Path.write_text``, ...)."""
+    if isinstance(data, Mapping):
+        for name, value in data.items():
+            path = f"{key}.{name}"
+            if name == "_target_":
+                if key == "data" and isinstance(value, str) and value.split(".")[0] == "foodvision":
+                    if value.rsplit(".", 1)[-1] == FoodDataModule.__name__:
+                        continue
+                raise ToolError(
+                    f"{where}: {path}={value!r} is refused: foodvision reads a run's config as data and never "
+                    f"creates objects a config names; delete {path} (or evaluate with data=imagefolder "
+                    "data.root=...)"
+                )
+            reject_targets(value, where, path)
+    elif isinstance(data, (list, tuple)):
+        for index, value in enumerate(data):
+            reject_targets(value, where, f"{key}[{index}]")
+
+
 def resolve_eval_data(cfg: DictConfig, run_dir: Path | None) -> tuple[dict[str, Any], str]:
     """FoodDataModule arguments and where they came from.
 
@@ -135,11 +171,13 @@ def resolve_eval_data(cfg: DictConfig, run_dir: Path | None) -> tuple[dict[str, 
         container = OmegaConf.create({"seed": cfg.seed, "paths": cfg.paths, "data": cfg.data})
         origin = "data config from the command line"
     elif run_config is not None and run_config.is_file():
-        container = OmegaConf.load(run_config)
+        container = load_run_config(run_config)
         origin = f"the run's data ({run_config})"
         for key, value in user.items():
             if value is not None and key not in EVAL_ONLY_DATA_KEYS:
                 container.data[key] = value
+        # A run's config names where it wrote; an eval writes its image-check verdicts where this tool does.
+        container.data.cache_dir = OmegaConf.select(cfg, "paths.cache_dir", default=None)
     else:
         container = OmegaConf.create(
             {
@@ -157,7 +195,12 @@ def resolve_eval_data(cfg: DictConfig, run_dir: Path | None) -> tuple[dict[str, 
     container.data.output_dir = None
     with open_dict(container):
         resolve_data_root(container)
-    data = OmegaConf.to_container(container.data, resolve=True)
+    where = str(run_config) if origin.startswith("the run's") else "the data config"
+    try:
+        data = OmegaConf.to_container(container.data, resolve=True)
+    except OmegaConfBaseException as error:  # an interpolation a stored config cannot resolve here
+        raise ToolError(f"{where}: cannot read its data section: {error}".splitlines()[0]) from None
+    reject_targets(data, where)
     for key in EVAL_ONLY_DATA_KEYS:
         data.pop(key, None)
     # A run's config.yaml may come from an older or newer foodvision: keep what FoodDataModule takes.
@@ -289,7 +332,7 @@ def wrong_grid_figure(rows: Sequence[Mapping[str, Any]], title: str, columns: in
 
 # ---- writing ---------------------------------------------------------------------------------------------
 def write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> Path:
-    with path.open("w", newline="") as handle:
+    with atomic_open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(header)
         writer.writerows(rows)
@@ -304,13 +347,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate ``cfg.ckpt_path`` on ``cfg.data.split``; writes the eval dir and returns its metrics."""
     ckpt_path = required(cfg, "ckpt_path", "ckpt_path=lightning_logs/runs/<run>/checkpoints/last.ckpt")
     predictor, batch_size = predictor_from_config(cfg, ckpt_path)
+    resamples = trust.check_options(cfg, predictor)  # before any work: calibrate, unknown_*, bootstrap
     run_dir = run_dir_of(predictor.path)
     split = normalise_split(cfg.data.get("split", "test"))
     data_args, origin = resolve_eval_data(cfg, run_dir)
-    datamodule = hydra.utils.instantiate(
-        {"_target_": "foodvision.data.datamodule.FoodDataModule", **data_args}
-    )
-    assert isinstance(datamodule, FoodDataModule)
+    # Built directly, never through hydra.utils.instantiate: the arguments may come from a stored config.
+    datamodule = FoodDataModule(**{k: v for k, v in data_args.items() if k != "_target_"})
     splits = datamodule.discover()
     samples = splits.splits[split]
     if not samples:
@@ -319,8 +361,14 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     to_model = match_classes(names, splits.classes, f"model {predictor.path.name}", f"the {split} data")
     files = [path for path, _ in samples]
     labels = np.array([to_model[label] for _, label in samples], dtype=np.int64)
+    if cfg.get("calibrate"):  # temperature + unknown threshold fitted on the val split, saved in the ckpt
+        val = splits.splits.get("val") or []
+        val_labels = np.array([to_model[label] for _, label in val], dtype=np.int64)
+        trust.calibrate_predictor(
+            predictor, [p for p, _ in val], val_labels, cfg, batch_size, _workers(cfg), str(datamodule.root)
+        )
     out = Path(cfg.output_dir) if cfg.get("output_dir") else run_dir / f"eval-{split}"
-    out.mkdir(parents=True, exist_ok=True)
+    ensure_dir(out)
     log.info("evaluating %d %s images from %s (%s) -> %s", len(files), split, datamodule.root, origin, out)
 
     # One pass, batch by batch: predictions.csv is written as the batches come, the metrics are running
@@ -328,10 +376,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     # number of images.
     num_classes = len(names)
     totals = RunningMetrics(num_classes)
+    trusted = trust.TrustTotals(num_classes, predictor.calibration)  # calibration, unknown answers, intervals
     wrong: list[dict[str, Any]] = []
     stream = Stream()
-    partial = out / "predictions.csv.partial"
-    with partial.open("w", newline="") as handle:
+    # Streamed to a per-process temporary name (two evals into one dir never share it), renamed when done.
+    with atomic_open(out / "predictions.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(PREDICTION_COLUMNS)
         for batch in stream_files(
@@ -347,6 +396,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                 continue
             true = torch.from_numpy(labels[batch.indices])
             confidence, predicted = totals.update(batch.logits, true)
+            trusted.update(batch.logits, true)
             for index, t, p, c in zip(
                 batch.indices, true.tolist(), predicted.tolist(), confidence.tolist(), strict=True
             ):
@@ -354,12 +404,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                 writer.writerow([row["file"], row["true"], row["predicted"], _f(row["confidence"])])
                 if t != p:
                     wrong.append(row)
-    if not stream.predicted:
-        partial.unlink(missing_ok=True)
-        raise ToolError(
-            f"none of the {len(files)} {split} images could be read (first: {stream.failed[0][1]})"
-        )
-    partial.replace(out / "predictions.csv")
+        if not stream.predicted:  # raised inside: the temporary file goes, an earlier predictions.csv stays
+            raise ToolError(
+                f"none of the {len(files)} {split} images could be read (first: {stream.failed[0][1]})"
+            )
     confusion = totals.confusion
     scores = classification_metrics(confusion)
     per_class = scores.pop("per_class")
@@ -378,6 +426,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             "data": f"{splits.origin}; {origin}",
         }
     )
+    trust.add_metrics(cfg, predictor, trusted, metrics, out, batch_size, _workers(cfg), resamples)
     write_csv(
         out / "per_class.csv",
         ["class", "precision", "recall", "f1", "support"],
@@ -422,7 +471,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         log.info(note)
         metrics["notes"] = [note]
     metrics["eval_dir"] = str(out)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_text(out / "metrics.json", json.dumps(finite_json(metrics), indent=2, allow_nan=False) + "\n")
     if cfg.get("report", True):
         from foodvision.report import write_report  # report.html from the files above (foodvision.report)
 
@@ -448,7 +497,7 @@ def _print_summary(metrics: Mapping[str, Any], out: Path, speed: float) -> None:
     print(
         f"\n{metrics['split']}: {metrics['num_images']} images, {metrics['num_classes']} classes"
         f" ({speed:.1f} images/s{f', {skipped} unreadable skipped' if skipped else ''})\n"
-        + "\n".join(lines)
+        + "\n".join(lines + trust.summary_lines(metrics))
         + f"\neval dir: {out}",
         flush=True,
     )

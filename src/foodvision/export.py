@@ -1,7 +1,9 @@
 """`python export.py ckpt_path=... format=torchscript|onnx|app [output=...]`: a self-contained model file.
 
-The exported model maps normalised float32 NCHW images (any batch size) to logits. Class names and
-preprocessing travel inside the file as JSON (TorchScript: extra file ``foodvision.json``; ONNX: the
+The exported model maps normalised float32 NCHW images (any batch size) to calibrated logits (the
+checkpoint's temperature, :mod:`foodvision.calibration`, is a division in the graph: any runtime's softmax
+gives calibrated probabilities). Class names, preprocessing and the calibration (its unknown threshold
+too) travel inside the file as JSON (TorchScript: extra file ``foodvision.json``; ONNX: the
 ``foodvision.json`` entry of ``metadata_props``), so ``predict.py ckpt_path=model.pt`` needs nothing else.
 ONNX export uses the ``onnx`` package (a dependency of foodvision, also listed in its ``[onnx]`` extra).
 ``format=app`` writes a folder instead: a Gradio app around the ONNX file that needs no PyTorch
@@ -10,6 +12,8 @@ ONNX export uses the ``onnx`` package (a dependency of foodvision, also listed i
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import logging
 import warnings
 from pathlib import Path
@@ -20,6 +24,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from foodvision.atomic import atomic_open, ensure_dir, write_with
 from foodvision.checkpoints import (
     META_KEY,
     ModelInfo,
@@ -49,11 +54,38 @@ def example_input(info: ModelInfo, batch: int = 2) -> torch.Tensor:
     return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
 
 
+class TemperatureScaled(nn.Module):
+    """The network's logits divided by its calibration temperature (:mod:`foodvision.calibration`): an
+    exported graph outputs calibrated logits, so any runtime's softmax gives calibrated probabilities."""
+
+    def __init__(self, network: nn.Module, temperature: float):
+        super().__init__()
+        self.network = network
+        self.register_buffer("temperature", torch.tensor(float(temperature), dtype=torch.float32))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.network(images) / self.temperature
+
+
+def with_calibration(model: nn.Module, info: ModelInfo) -> tuple[nn.Module, ModelInfo]:
+    """The module to export (the temperature in its graph) and the metadata to write with it (its
+    calibration marked ``in_graph``: loaders never divide again)."""
+    calibration = info.calibration
+    if calibration.in_graph:
+        return model, info
+    exported = dataclasses.replace(info, calibration=dataclasses.replace(calibration, in_graph=True))
+    if calibration.temperature == 1.0:
+        return model, exported
+    return TemperatureScaled(model, calibration.temperature).eval(), exported
+
+
 def export_torchscript(model: nn.Module, info: ModelInfo, output: Path, source: str) -> Path:
+    model, info = with_calibration(model, info)
     extra = {META_KEY: export_metadata(info, format="torchscript", exported_from=source)}
     with torch.no_grad(), quiet_jit():
         traced = torch.jit.trace(model, example_input(info), check_trace=False)
-        torch.jit.save(traced, str(output), _extra_files=extra)
+    with atomic_open(output, "wb") as handle:  # a handle: a full disk raises OSError, not a bare RuntimeError
+        torch.jit.save(traced, handle, _extra_files=extra)
     return output
 
 
@@ -62,37 +94,42 @@ def export_onnx(model: nn.Module, info: ModelInfo, output: Path, source: str, op
         import onnx
     except ImportError as error:
         raise ToolError("format=onnx needs the onnx package: pip install 'foodvision[onnx]'") from error
+    model, info = with_calibration(model, info)
+    # Exported into memory, given its metadata, then written under a temporary name and renamed: the final
+    # name never holds a file without metadata (or half a file when the disk is full).
+    buffer = io.BytesIO()
     with warnings.catch_warnings():
         # The TorchScript-based exporter: needs only `onnx` (the dynamo one also wants onnxscript).
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(
             model,
             (example_input(info),),
-            str(output),
+            buffer,
             dynamo=False,
             input_names=["images"],
             output_names=["logits"],
             dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
             opset_version=int(opset),
         )
-    proto = onnx.load(str(output))
+    proto = onnx.load_from_string(buffer.getvalue())
+    del buffer
     entry = proto.metadata_props.add()
     entry.key = META_KEY
     entry.value = export_metadata(info, format="onnx", exported_from=source)
     proto.doc_string = f"foodvision {info.architecture}: normalised NCHW float32 images -> logits"
     onnx.checker.check_model(proto)
-    onnx.save(proto, str(output))
+    write_with(output, lambda temporary: onnx.save(proto, str(temporary)))
     return output
 
 
 def check_export(model: nn.Module, info: ModelInfo, output: Path, tolerance: float = 1e-3) -> float:
     """Largest absolute logit difference between the exported file and the checkpoint's model (float32)."""
-    exported = Predictor(output, device="cpu", precision="32")
+    exported = Predictor(output, device="cpu", precision="32", trust_torchscript=True)  # written just now
     if exported.class_names != info.class_names or exported.preprocessing != info.preprocessing:
         raise ToolError(f"{output}: the metadata read back differs from the checkpoint's")
     images = example_input(info, batch=3)  # another batch size than traced with
     with torch.inference_mode():
-        expected = model(images).float()
+        expected = with_calibration(model, info)[0](images).float()  # the calibrated logits
     difference = float((exported.logits(images) - expected).abs().max())
     scale = max(1.0, float(expected.abs().max()))
     if difference > tolerance * scale:
@@ -101,6 +138,12 @@ def check_export(model: nn.Module, info: ModelInfo, output: Path, tolerance: flo
 
 
 def export(cfg: DictConfig) -> dict[str, Any]:
+    if cfg.get(
+        "quantize"
+    ):  # quantize=int8: this export in float32, then its INT8 model (foodvision.quantize)
+        from foodvision.quantize import export_int8
+
+        return export_int8(cfg, export)
     ckpt_path = Path(required(cfg, "ckpt_path", "ckpt_path=<run>/checkpoints/last.ckpt")).expanduser()
     fmt = str(cfg.get("format", "torchscript")).lower()
     if fmt not in FORMATS:
@@ -113,7 +156,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     model, info, _ = load_checkpoint_model(ckpt_path)
     model = model.float().eval()
     output = Path(cfg.output).expanduser() if cfg.get("output") else default_output(ckpt_path, fmt)
-    output.parent.mkdir(parents=True, exist_ok=True)
+    ensure_dir(output.parent)
     if fmt == "torchscript":
         export_torchscript(model, info, output, ckpt_path.name)
     else:
@@ -130,7 +173,8 @@ def export(cfg: DictConfig) -> dict[str, Any]:
         f"exported {info.architecture} ({info.num_classes} classes, {info.preprocessing.image_size} px) "
         f"as {fmt}: "
         f"{output} ({result['size_mb']:.1f} MB){check}\n"
-        f"use it with: python predict.py ckpt_path={output} inputs=[photo.jpg]",
+        f"use it with: python predict.py ckpt_path={output} inputs=[photo.jpg]"
+        + (" trust_torchscript=true" if fmt == "torchscript" else ""),
         flush=True,
     )
     return result

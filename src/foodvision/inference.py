@@ -8,6 +8,7 @@ Loading is :mod:`foodvision.checkpoints`; reading photos in batches is :mod:`foo
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from foodvision.calibration import Calibration
 from foodvision.checkpoints import (
     load_checkpoint_model,
     load_onnx_file,
@@ -107,12 +109,22 @@ def check_batch_size(value: Any) -> int | None:
     return number
 
 
+def check_trust_torchscript(value: Any) -> bool:
+    """``trust_torchscript`` as a bool; anything but true/false is refused rather than read as trust."""
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise ToolError(f"trust_torchscript must be true or false, got {value!r}")
+    return value
+
+
 class Predictor:
     """Normalised NCHW float images -> float32 logits, for any model format.
 
     Checkpoints run with ``engine`` (:func:`foodvision.engine.resolve_engine`; ``auto``: ONNX Runtime for
     float32 on a CPU, else PyTorch in ``torch.inference_mode`` with channels_last inputs and bf16 autocast
-    where supported). Exported ``.onnx`` files always run with ONNX Runtime, TorchScript files with PyTorch.
+    where supported). Exported ``.onnx`` files always run with ONNX Runtime, TorchScript files with PyTorch,
+    and only with ``trust_torchscript=True``: TorchScript is a program that runs when loaded.
 
     ``max_batch``: images per forward pass, chosen so that its working memory fits ``max_memory_mb``
     (default :func:`foodvision.engine.default_max_memory_mb`); :meth:`use_batch_size` sets it explicitly.
@@ -126,8 +138,10 @@ class Predictor:
         precision: Any = "auto",
         engine: str | None = "auto",
         max_memory_mb: float | None = None,
+        trust_torchscript: bool = False,
     ):
         requested = check_engine(engine)
+        trust_torchscript = check_trust_torchscript(trust_torchscript)
         self.max_memory_mb = check_max_memory_mb(max_memory_mb) or default_max_memory_mb()
         self.path = require_file(path, "model file")
         self.format = model_format(self.path)
@@ -159,7 +173,7 @@ class Predictor:
             if self.format == "onnx":
                 self.model, self.info = load_onnx_file(self.path)
             else:
-                self.model, self.info = load_torchscript_file(self.path, self.device)
+                self.model, self.info = load_torchscript_file(self.path, self.device, trust_torchscript)
             if requested not in ("auto", self.engine):
                 log.warning("%s files run with %s; engine=%s ignored", self.format, self.engine, requested)
             requested_precision = resolve_precision(precision, self.device)
@@ -232,7 +246,25 @@ class Predictor:
             f"{self.preprocessing.image_size} px, {self.device.type} {precision} on {self.engine}"
         )
 
+    @property
+    def calibration(self) -> Calibration:
+        return self.info.calibration
+
+    def set_calibration(self, calibration: Calibration) -> None:
+        """Use ``calibration`` from now on (after ``eval.py calibrate=true`` fitted and saved it)."""
+        self.info = dataclasses.replace(self.info, calibration=calibration)
+
     def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """Calibrated logits: the network's divided by the model's temperature (exported files divide in
+        their graph, see :mod:`foodvision.export`); softmax of them gives calibrated probabilities."""
+        logits = self.network_logits(images)
+        calibration = self.info.calibration
+        if calibration.in_graph or calibration.temperature == 1.0:
+            return logits
+        return logits / calibration.temperature
+
+    def network_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """What the model file computes (for exports with a temperature: already calibrated)."""
         if self.format == "onnx":
             output = run_in_chunks(self.model, images.float().contiguous().numpy(), self.max_batch)[0]
             return torch.from_numpy(np.asarray(output, dtype=np.float32))
@@ -240,7 +272,7 @@ class Predictor:
         if self.runner is not None and tuple(images.shape[-2:]) == (size, size):
             return self.runner(images).float()  # exported at this size; other sizes run with PyTorch below
         if len(images) > self.max_batch:
-            return torch.cat([self.logits(chunk) for chunk in images.split(self.max_batch)])
+            return torch.cat([self.network_logits(chunk) for chunk in images.split(self.max_batch)])
         images = images.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), autocast(self.device, self.precision):
             return self.model(images).float().cpu()
@@ -255,6 +287,7 @@ def predictor_from_config(cfg: Any, ckpt_path: str | Path) -> tuple[Predictor, i
         cfg.get("precision", "auto"),
         cfg.get("engine", "auto"),
         max_memory_mb=cfg.get("max_memory_mb"),
+        trust_torchscript=cfg.get("trust_torchscript", False),
     )
     batch_size = predictor.use_batch_size(check_batch_size(cfg.get("batch_size")))
     log.info("model: %s; batches of %d images", predictor.describe(), batch_size)

@@ -19,9 +19,16 @@ from torchmetrics.classification import (
 
 from foodvision.checkpoints import CHECKPOINT_KEY, ModelInfo
 from foodvision.data.balance import resolve_class_weights
+from foodvision.data.mixing import BatchMixer, hard_targets
 from foodvision.data.transforms import Preprocessing
+from foodvision.errors import ToolError
 from foodvision.models.classifier import IMAGES, build_classifier
 from foodvision.schedules import Stage2Schedule
+
+
+class TrainingDivergedError(ToolError):
+    """The loss became NaN or infinite: the weights have blown up and every later epoch would be wasted
+    (and ``metrics.json`` would record NaN). Raised before that epoch's checkpoints are written."""
 
 
 def summary_metrics(num_classes: int) -> torchmetrics.MetricCollection:
@@ -36,15 +43,29 @@ def summary_metrics(num_classes: int) -> torchmetrics.MetricCollection:
     return torchmetrics.MetricCollection(metrics)
 
 
-def per_class_metrics(num_classes: int) -> torchmetrics.MetricCollection:
-    return torchmetrics.MetricCollection(
-        {
-            "precision": MulticlassPrecision(num_classes, average=None),
-            "recall": MulticlassRecall(num_classes, average=None),
-            "f1": MulticlassF1Score(num_classes, average=None),
-            "confusion": MulticlassConfusionMatrix(num_classes),
+def per_class_from_confusion(
+    confusion: torch.Tensor, class_names: Sequence[str]
+) -> dict[str, dict[str, Any]]:
+    """Precision, recall, F1 and support per class from a confusion matrix (rows: true classes), as
+    torchmetrics' ``average=None`` metrics give them (0 where undefined): one matrix instead of four metrics."""
+    confusion = confusion.double()
+    true_positives = confusion.diagonal()
+    support, predicted = confusion.sum(dim=1), confusion.sum(dim=0)
+
+    def ratio(top: torch.Tensor, bottom: torch.Tensor) -> torch.Tensor:
+        return torch.where(bottom > 0, top / bottom.clamp(min=1), torch.zeros_like(top))
+
+    precision, recall = ratio(true_positives, predicted), ratio(true_positives, support)
+    f1 = ratio(2 * true_positives, support + predicted)
+    return {
+        name: {
+            "precision": float(precision[i]),
+            "recall": float(recall[i]),
+            "f1": float(f1[i]),
+            "support": int(support[i]),
         }
-    )
+        for i, name in enumerate(class_names)
+    }
 
 
 class LitClassifier(L.LightningModule):
@@ -68,6 +89,7 @@ class LitClassifier(L.LightningModule):
         max_epochs: int | None = None,
         class_weights: str | Sequence[float] | None = None,
         class_counts: Sequence[int] | None = None,
+        mixing: dict[str, Any] | None = None,
     ):
         super().__init__()
         if len(class_names) != num_classes:
@@ -84,10 +106,18 @@ class LitClassifier(L.LightningModule):
         self.register_buffer("loss_weights", loss_weights, persistent=False)
         self.metrics = nn.ModuleDict({f"{s}_": summary_metrics(num_classes) for s in ("train", "val")})
         # Testing is eval.py's job (foodvision.evaluate): train.py evaluates the best checkpoint with it.
-        self.detailed = nn.ModuleDict({"val_": per_class_metrics(num_classes)})
+        # The per-class table and confusion matrix are logged to TensorBoard only (train.py keeps scalars):
+        # one confusion matrix, updated only when such a logger will receive it (see _wants_detail).
+        self.detailed = nn.ModuleDict({"val_": MulticlassConfusionMatrix(num_classes)})
         if channels_last:
             self.net.to(memory_format=torch.channels_last)
         self.last_results: dict[str, dict[str, Any]] = {}
+        # augment.mixup / cutmix: training batches mixed after transfer (foodvision.data.mixing)
+        self.mixer = BatchMixer.from_settings(mixing, num_classes)
+        self._batch_index = 0
+        # Stop on a non-finite loss (TrainingDivergedError); the LR finder turns it off while it sweeps.
+        self.stop_on_divergence = True
+        self._val_nonfinite: torch.Tensor | None = None  # sum of this epoch's non-finite val losses (or 0)
 
     # ---- forward -----------------------------------------------------------------------------
     def forward(
@@ -114,13 +144,45 @@ class LitClassifier(L.LightningModule):
             )
         else:  # plain cross-entropy: val losses stay comparable across runs and with eval.py
             loss = nn.functional.cross_entropy(logits, targets)
-        self.metrics[f"{stage}_"].update(logits.detach().float(), targets)
-        if f"{stage}_" in self.detailed:
-            self.detailed[f"{stage}_"].update(logits.detach().float(), targets)
+        hard = hard_targets(targets)  # mixed (soft) targets: their dominant class
+        self.metrics[f"{stage}_"].update(logits.detach().float(), hard)
+        if self._wants_detail(stage):
+            self.detailed[f"{stage}_"].update(logits.detach().float(), hard)
+        if stage == "train":  # one host sync per step; detect_anomaly would cost far more
+            self._check_finite_loss(loss, f"at epoch {self.current_epoch} step {self._batch_index}", "loss")
+        elif stage == "val":  # summed on the device, checked once at the epoch end (no sync per step)
+            loss_value = loss.detach().float()
+            bad = torch.where(torch.isfinite(loss_value), torch.zeros_like(loss_value), loss_value)
+            self._val_nonfinite = bad if self._val_nonfinite is None else self._val_nonfinite + bad
         self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(targets))
         return loss
 
+    def _check_finite_loss(self, loss: torch.Tensor, where: str, name: str) -> None:
+        """A :class:`TrainingDivergedError` when ``loss`` is not finite (on any rank: all of them stop)."""
+        if not self.stop_on_divergence:
+            return
+        here = not bool(torch.isfinite(loss))
+        diverged = here
+        if self._trainer is not None and self.trainer.world_size > 1:
+            diverged = self.trainer.strategy.reduce_boolean_decision(here, all=False)
+        if not diverged:
+            return
+        value = float(loss.detach()) if here else "not finite on another rank"
+        lr = (self.hparams.optimizer or {}).get("lr")
+        lr_text = f" (now {lr:g})" if isinstance(lr, (int, float)) else ""
+        raise TrainingDivergedError(
+            f"training diverged {where}: {name} is {value}; lower optimizer.lr{lr_text}. "
+            "Checkpoints of the epochs before are kept."
+        )
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """MixUp/CutMix of training batches (never of validation or test ones)."""
+        if self.mixer is not None and self._trainer is not None and self.trainer.training:
+            return self.mixer(batch)
+        return batch
+
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
+        self._batch_index = batch_idx
         return self._step(batch, "train")
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
@@ -137,29 +199,37 @@ class LitClassifier(L.LightningModule):
         self.log_dict(values, prog_bar=stage != "train")
         self.metrics[f"{stage}_"].reset()
         result: dict[str, Any] = {k: float(v) for k, v in values.items()}
-        if f"{stage}_" in self.detailed:
-            detail = {k: v.cpu() for k, v in self.detailed[f"{stage}_"].compute().items()}
+        if self._wants_detail(stage):
+            confusion = self.detailed[f"{stage}_"].compute().cpu()
             self.detailed[f"{stage}_"].reset()
-            result["per_class"] = {
-                name: {
-                    "precision": float(detail["precision"][i]),
-                    "recall": float(detail["recall"][i]),
-                    "f1": float(detail["f1"][i]),
-                    "support": int(detail["confusion"][i].sum()),
-                }
-                for i, name in enumerate(self.class_names)
-            }
-            result["confusion_matrix"] = detail["confusion"].tolist()
-            if not self.trainer.sanity_checking:
-                from foodvision.reporting import log_confusion_to_loggers
+            from foodvision.reporting import log_confusion_to_loggers
 
-                log_confusion_to_loggers(self, stage, detail["confusion"], result["per_class"])
+            per_class = per_class_from_confusion(confusion, self.class_names)
+            log_confusion_to_loggers(self, stage, confusion, per_class)
         self.last_results[stage] = result
+
+    def _wants_detail(self, stage: str) -> bool:
+        """Whether this epoch's per-class table and confusion matrix will be logged (a TensorBoard logger,
+        not the sanity check): otherwise they are not computed at all."""
+        if f"{stage}_" not in self.detailed or self._trainer is None or self.trainer.sanity_checking:
+            return False
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        return any(isinstance(logger, TensorBoardLogger) for logger in self.loggers)
 
     def on_train_epoch_end(self) -> None:
         self._epoch_end("train")
 
+    def on_validation_epoch_start(self) -> None:
+        self._val_nonfinite = None
+
     def on_validation_epoch_end(self) -> None:
+        # Runs before the checkpoint callbacks save this epoch (on_validation_end, on_train_epoch_end).
+        nonfinite, self._val_nonfinite = self._val_nonfinite, None
+        if nonfinite is not None:
+            sanity = self.trainer.sanity_checking
+            where = "before training" if sanity else f"by the end of epoch {self.current_epoch}"
+            self._check_finite_loss(nonfinite, where, "val/loss")
         self._epoch_end("val")
 
     # ---- optimisation ----------------------------------------------------------------------

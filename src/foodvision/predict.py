@@ -7,6 +7,7 @@ every input was predicted, 1 when some failed, 2 when nothing could be predicted
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import glob
 import json
@@ -14,7 +15,7 @@ import logging
 import os
 import sys
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,8 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from foodvision.atomic import DiskWriteError, atomic_open, describe_os_error, disk_error
+from foodvision.calibration import Calibration, is_unknown
 from foodvision.cli import CONFIG_DIR, EXPECTED_ERRORS, required
 from foodvision.config_check import ConfigError
 from foodvision.data.images import IMAGE_EXTENSIONS, is_image_file
@@ -129,15 +132,30 @@ def top_k_rows(
     ]
 
 
+UNKNOWN_ANSWER = "not sure"  # predict's answer to a photo below the model's unknown threshold
+
+
+def mark_unknown(rows: Sequence[dict[str, Any]], logits: Any, calibration: Calibration) -> None:
+    """``row["unknown"]`` for each row (of these calibrated logits) when the model has an unknown threshold
+    (foodvision.calibration); rows of a model without one get no such key."""
+    if calibration.unknown_threshold is None:
+        return
+    for row, unknown in zip(rows, is_unknown(logits, calibration), strict=True):
+        row["unknown"] = bool(unknown)
+
+
 def format_table(rows: Sequence[dict[str, Any]], failed: Sequence[tuple[str, str]]) -> str:
     if not rows:
         table = ""
     else:
         k = len(rows[0]["predictions"])
-        header = ["file"] + [f"top-{i + 1}" for i in range(k)]
+        answers = "unknown" in rows[0]  # the model has an unknown threshold: an answer column first
+        header = ["file"] + (["answer"] if answers else []) + [f"top-{i + 1}" for i in range(k)]
         name_width = max(len(p["class"]) for r in rows for p in r["predictions"])
         cells = [
-            [r["file"]] + [f"{p['class']:<{name_width}} {p['probability']:6.1%}" for p in r["predictions"]]
+            [r["file"]]
+            + ([UNKNOWN_ANSWER if r["unknown"] else r["predictions"][0]["class"]] if answers else [])
+            + [f"{p['class']:<{name_width}} {p['probability']:6.1%}" for p in r["predictions"]]
             for r in rows
         ]
         widths = [max(len(line[i]) for line in [header, *cells]) for i in range(len(header))]
@@ -147,6 +165,12 @@ def format_table(rows: Sequence[dict[str, Any]], failed: Sequence[tuple[str, str
         ]
         lines.insert(1, "  ".join("-" * w for w in widths))
         table = "\n".join(lines)
+        unsure = sum(1 for r in rows if r.get("unknown"))
+        if unsure:
+            table += (
+                f"\n\n{UNKNOWN_ANSWER} ({unsure} of {len(rows)}): below the model's unknown threshold (chosen on "
+                "its validation photos), so probably none of its classes; the top guesses are shown anyway"
+            )
     if failed:
         table += f"\n\nnot predicted ({len(failed)}):\n" + "\n".join(
             f"  {name}: {reason}" for name, reason in failed
@@ -154,45 +178,74 @@ def format_table(rows: Sequence[dict[str, Any]], failed: Sequence[tuple[str, str
     return table.strip("\n")
 
 
+class _Discarded(Exception):
+    """Ends a :class:`PredictionWriter`'s temporary file without renaming it."""
+
+
 class PredictionWriter:
     """Writes ``output=`` (.csv or .json) while predicting: rows as they come (:meth:`add`), the failed inputs
     at the end (:meth:`close`), so memory does not grow with the number of photos. The file is the same,
     byte for byte, as one written at once (``json.dumps(document, indent=2)``; CSV: a header with the top-k
-    columns of the first row, one line per photo, then one per failure); it is written under
-    ``<name>.partial`` and renamed when complete."""
+    columns of the first row, one line per photo, then one per failure); it is written under a temporary
+    name of this process (:func:`foodvision.atomic.atomic_open`) and renamed when complete."""
 
     def __init__(self, path: Path, model: str):
         self.path = Path(path)
         self.json = self.path.suffix.lower() == ".json"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.partial = self.path.with_name(self.path.name + ".partial")
-        self.handle = self.partial.open("w", newline="")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise DiskWriteError(describe_os_error(error, self.path)) from error
+        self._file = contextlib.ExitStack()
+        self.handle = self._file.enter_context(atomic_open(self.path, "w", newline=""))
         self.csv = csv.writer(self.handle)
         self.k: int | None = None  # top-k columns of the CSV, from the first row (1 when there is none)
+        self.unknown = False  # an "unknown" column, from the first row
         self.rows = 0
         if self.json:
-            self.handle.write('{\n  "model": ' + json.dumps(model) + ',\n  "predictions": [')
+            with self._writing():
+                self.handle.write('{\n  "model": ' + json.dumps(model) + ',\n  "predictions": [')
 
-    def _header(self, k: int) -> None:
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """A write that fails (full disk) discards the file and names it (not the temporary name)."""
+        try:
+            yield
+        except OSError as error:
+            self.discard()
+            raise DiskWriteError(describe_os_error(error, self.path)) from error
+
+    def _header(self, k: int, unknown: bool = False) -> None:
         self.k = k
+        self.unknown = unknown  # an "unknown" column (true/false) when the model has an unknown threshold
         if not self.json:
             columns = [f"{what}_{i + 1}" for i in range(k) for what in ("class", "probability")]
-            self.csv.writerow(["file", *columns, "error"])
+            self.csv.writerow(["file", *columns, *(["unknown"] if unknown else []), "error"])
 
     def add(self, rows: Sequence[dict[str, Any]]) -> None:
+        with self._writing():
+            self._add(rows)
+
+    def _add(self, rows: Sequence[dict[str, Any]]) -> None:
         for row in rows:
             if self.k is None:
-                self._header(len(row["predictions"]))
+                self._header(len(row["predictions"]), "unknown" in row)
             if self.json:
                 self.handle.write(
                     ("\n" if not self.rows else ",\n") + textwrap.indent(json.dumps(row, indent=2), "    ")
                 )
             else:
                 cells = [v for p in row["predictions"] for v in (p["class"], f"{p['probability']:.6f}")]
-                self.csv.writerow([row["file"], *cells, ""])
+                flag = ["true" if row.get("unknown") else "false"] if self.unknown else []
+                self.csv.writerow([row["file"], *cells, *flag, ""])
             self.rows += 1
 
     def close(self, failed: Sequence[tuple[str, str]]) -> None:
+        with self._writing():
+            self._tail(failed)
+        self._file.close()  # renamed over the final name
+
+    def _tail(self, failed: Sequence[tuple[str, str]]) -> None:
         if self.k is None:
             self._header(1)
         if self.json:
@@ -201,14 +254,11 @@ class PredictionWriter:
             self.handle.write("," + json.dumps({"failed": listed}, indent=2)[1:-1] + "}\n")
         else:
             for name, reason in failed:
-                self.csv.writerow([name, *([""] * 2 * (self.k or 1)), reason])
-        self.handle.close()
-        self.partial.replace(self.path)
+                self.csv.writerow([name, *([""] * (2 * (self.k or 1) + self.unknown)), reason])
 
     def discard(self) -> None:
-        """After an error: no half-written file is left behind."""
-        self.handle.close()
-        self.partial.unlink(missing_ok=True)
+        """After an error: no half-written file is left behind (an earlier output file stays)."""
+        self._file.__exit__(_Discarded, _Discarded(), None)
 
 
 def write_output(
@@ -257,6 +307,7 @@ def predict(cfg: DictConfig) -> tuple[int, list[dict[str, Any]], list[tuple[str,
                     new = top_k_rows(
                         found.files, batch.indices, probabilities, predictor.class_names, cfg.get("top_k", 3)
                     )
+                    mark_unknown(new, batch.logits, predictor.calibration)
                     rows += new
                     if writer is not None:
                         writer.add(new)
@@ -284,6 +335,12 @@ def run(cfg: DictConfig) -> int:
         return predict(cfg)[0]
     except EXPECTED_ERRORS as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
+        return EXIT_NOTHING_PREDICTED
+    except Exception as error:  # a full disk or read-only folder met by a writer that is not ours
+        disk = disk_error(error)
+        if disk is None:
+            raise
+        print(f"error: {disk}", file=sys.stderr, flush=True)
         return EXIT_NOTHING_PREDICTED
 
 

@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from foodvision.atomic import write_text
+
 log = logging.getLogger(__name__)
 
 REPORT_FILE = "report.html"
@@ -55,6 +57,7 @@ figure {margin: 0} img.fig {max-width: 100%; background: #fff; border: 1px solid
 .cam .ok {color: #15803d; font-weight: 600} .cam .wrong {color: #b91c1c; font-weight: 600}
 .note {background: #fff7ed; border-left: 4px solid #f97316; padding: 6px 12px; font-size: 0.9em}
 code {background: #eef0f2; padding: 1px 4px; border-radius: 3px; font-size: 0.9em}
+.card .ci {color: #57606a; font-size: 0.85em; font-variant-numeric: tabular-nums}
 """
 
 
@@ -341,19 +344,129 @@ HEADLINE = (
 )
 
 
-def _card(key: str, label: str, value: float, percent: bool) -> str:
+def _card(key: str, label: str, value: float, percent: bool, interval: str = "") -> str:
     shown = f"{100 * value:.2f} %" if percent else f"{value:.4f}"
+    ci = f'<div class="ci" data-interval="{key}" title="95 % bootstrap interval">{esc(interval)}</div>'
     return (
         f'<div class="card"><div class="value" data-metric="{key}" data-value="{value!r}">{shown}</div>'
-        f'<div class="name">{esc(label)}</div></div>'
+        f'{ci if interval else ""}<div class="name">{esc(label)}</div></div>'
     )
 
 
-def _per_class_table(rows: Sequence[Mapping[str, str]]) -> str:
+def interval_text(metrics: Mapping[str, Any], key: str, percent: bool) -> str:
+    """``(85.8-89.4)`` from ``<key>_ci_low``/``_ci_high`` of metrics.json ("" when eval wrote none)."""
+    low, high = metrics.get(f"{key}_ci_low"), metrics.get(f"{key}_ci_high")
+    if not isinstance(low, (int, float)) or not isinstance(high, (int, float)):
+        return ""
+    return f"({100 * low:.1f}-{100 * high:.1f})" if percent else f"({low:.3f}-{high:.3f})"
+
+
+def with_interval(value: float, interval: str, percent: bool = True) -> str:
+    """``87.6 % (85.8-89.4)``: a number and its 95 % interval, as the report shows them."""
+    shown = f"{100 * value:.1f} %" if percent else f"{value:.3f}"
+    return f"{shown} {interval}".strip()
+
+
+def trust_section(metrics: Mapping[str, Any], eval_dir: Path) -> str:
+    """Calibration (ECE, Brier, reliability diagram), the unknown answer and its separation from outside
+    photos, and the bootstrap intervals: what eval's foodvision.trust wrote into metrics.json."""
+    from foodvision.evaluate import metric_name
+
+    split = metrics.get("split", "test")
+
+    def get(name: str) -> Any:
+        value = metrics.get(metric_name(split, name))
+        return value if isinstance(value, (int, float)) else None
+
+    def pct(value: float | None) -> str:
+        return "n/a" if value is None else f"{100 * value:.1f} %"
+
+    if get("ece") is None and get("acc_ci_low") is None:
+        return ""
+    calibration = metrics.get("calibration") or {}
+    parts = []
+    if get("acc_ci_low") is not None:
+        boot = metrics.get("bootstrap") or {}
+        acc = with_interval(get("acc"), interval_text(metrics, metric_name(split, "acc"), True))
+        f1 = with_interval(
+            get("f1_macro"), interval_text(metrics, metric_name(split, "f1_macro"), False), percent=False
+        )
+        parts.append(
+            f'<p id="intervals">Accuracy <b>{esc(acc)}</b>, macro F1 <b>{esc(f1)}</b>: 95 % intervals of a '
+            f"seeded bootstrap ({esc(boot.get('resamples', '?'))} resamples of the {esc(metrics.get('num_images'))} "
+            f"{esc(split)} photos, seed {esc(boot.get('seed', '?'))}); each class's F1 interval is in the "
+            "per-class table. Two runs whose intervals overlap may not differ: compare.py tests them pair by pair."
+            "</p>"
+        )
+    if get("ece") is not None:
+        fitted = calibration.get("fitted_on") or ""
+        temperature = calibration.get("temperature", 1.0)
+        how = (
+            f"temperature {temperature:.3f}, fitted by NLL on the {esc(fitted)}"
+            if fitted
+            else "no temperature fitted (temperature 1): run <code>eval.py calibrate=true</code>"
+        )
+        rows = [
+            ("ECE (15 bins)", get("ece_uncalibrated"), get("ece")),
+            ("Brier score", get("brier_uncalibrated"), get("brier")),
+            ("NLL (loss)", get("loss_uncalibrated"), get("loss")),
+        ]
+        cells = "".join(
+            f'<tr data-key="{esc(name)}"><td>{esc(name)}</td><td class="num">{before:.4f}</td>'
+            f'<td class="num">{after:.4f}</td></tr>'
+            for name, before, after in rows
+            if before is not None and after is not None
+        )
+        parts.append(
+            f"<h3>Calibration</h3><p>Probabilities are divided by a {how}; every tool and export applies it.</p>"
+            f'<table id="calibration"><tr><th></th><th>uncalibrated</th><th>calibrated</th></tr>{cells}</table>'
+            + _figure(eval_dir / "reliability.png", "reliability diagram")
+        )
+    threshold = calibration.get("unknown_threshold")
+    if threshold is not None and get("unknown_share") is not None:
+        score = calibration.get("unknown_score", "probability")
+        keep = calibration.get("keep")
+        text = (
+            f'<h3>"Not sure" answers</h3><p id="unknown">A photo whose {esc(score)} score is below '
+            f"{threshold:.4g} (the threshold keeping {100 * (keep or 0):.0f} % of the correct validation answers) "
+            f"is answered \u201cnot sure\u201d, with its top guesses. On this split: "
+            f"{pct(get('unknown_share'))} of the photos, accuracy of the rest {pct(get('acc_answered'))}, "
+            f"{pct(get('correct_kept'))} of the correct answers kept.</p>"
+        )
+        if get("outside_auroc") is not None:
+            lines = []
+            for kind in ("probability", "energy", "max_logit"):
+                auroc, rejected = get(f"outside_auroc_{kind}"), get(f"outside_rejected_{kind}")
+                inside = get(f"unknown_share_{kind}")
+                mark = " (used)" if kind == score else ""
+                lines.append(
+                    f'<tr data-score="{kind}"><td>{esc(kind)}{mark}</td>'
+                    f'<td class="num">{"n/a" if auroc is None else f"{auroc:.3f}"}</td>'
+                    f'<td class="num">{pct(rejected)}</td><td class="num">{pct(inside)}</td></tr>'
+                )
+            inputs = list((metrics.get("outside") or {}).get("inputs", []))
+            sources = ", ".join(inputs[:3]) + (f" and {len(inputs) - 3} more" if len(inputs) > 3 else "")
+            text += (
+                f"<p>Against {esc(get('outside_photos'))} photos from outside the classes ({esc(sources)}): "
+                f"AUROC {get('outside_auroc'):.3f} (1: perfectly separated, 0.5: not at all), "
+                f"{pct(get('outside_rejected'))} of them answered \u201cnot sure\u201d.</p>"
+                '<table id="outside"><tr><th>score</th><th>AUROC</th><th>outside photos rejected</th>'
+                f"<th>{esc(split)} photos rejected</th></tr>" + "".join(lines) + "</table>"
+            )
+        parts.append(text)
+    return "\n".join(parts)
+
+
+def _per_class_table(
+    rows: Sequence[Mapping[str, str]], f1_ci: Mapping[str, Sequence[float]] | None = None
+) -> str:
     if not rows:
         return '<p class="note">per_class.csv was not written.</p>'
+    f1_ci = f1_ci or {}
+    ci_head = "<th>F1 95 % interval</th>" if f1_ci else ""
     lines = [
-        '<table id="per-class"><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>'
+        '<table id="per-class"><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th>'
+        f"{ci_head}<th>support</th></tr>"
     ]
     f1s = [float(r["f1"]) for r in rows]
     low = sorted(f1s)[max(0, len(f1s) // 10 - 1)] if len(f1s) >= 10 else -1.0
@@ -366,8 +479,14 @@ def _per_class_table(rows: Sequence[Mapping[str, str]]) -> str:
                 f'<span class="fill" style="width:{100 * value:.1f}%"></span><span class="v">{value:.3f}</span></td>'
             )
         css = ' class="low"' if float(row["f1"]) <= low else ""
+        interval = f1_ci.get(row["class"])
+        ci = (
+            f'<td class="num" data-interval="f1">{interval[0]:.3f}-{interval[1]:.3f}</td>'
+            if interval
+            else ("<td></td>" if f1_ci else "")
+        )
         lines.append(
-            f'<tr{css} data-class="{esc(row["class"])}"><td>{esc(row["class"])}</td>{"".join(cells)}'
+            f'<tr{css} data-class="{esc(row["class"])}"><td>{esc(row["class"])}</td>{"".join(cells)}{ci}'
             f'<td class="num">{esc(row["support"])}</td></tr>'
         )
     return "\n".join(lines) + "</table>"
@@ -450,7 +569,7 @@ def build_report(eval_dir: Path, predictor: Any = None, gradcam: int = 6, latenc
         )
     headline = [(metric_name(split, key), label, percent) for key, label, percent in HEADLINE]
     cards = "".join(
-        _card(key, label, float(metrics[key]), percent)
+        _card(key, label, float(metrics[key]), percent, interval_text(metrics, key, percent))
         for key, label, percent in headline
         if isinstance(metrics.get(key), (int, float))
     )
@@ -468,7 +587,12 @@ def build_report(eval_dir: Path, predictor: Any = None, gradcam: int = 6, latenc
         f"<h2>Per class ({len(per_class)} classes)</h2>",
         "<p>Precision, recall and F1 of every class on this split"
         + ("; the lowest-F1 tenth in red.</p>" if len(per_class) >= 10 else ".</p>"),
-        _per_class_table(per_class),
+        _per_class_table(per_class, metrics.get(metric_name(split, "f1_ci")) or {}),
+        *(
+            ["<h2>Trusting the numbers</h2>", trusted]
+            if (trusted := trust_section(metrics, eval_dir))
+            else []
+        ),
         "<h2>Confusion matrix</h2>",
         _figure(eval_dir / "confusion_matrix.png", "confusion matrix"),
         f"<h2>Most confident mistakes ({len(wrong)} wrong)</h2>",
@@ -492,6 +616,6 @@ def write_report(eval_dir: str | Path, predictor: Any = None, gradcam: int = 6, 
 
         predictor = Predictor(predictor, device="cpu", precision="32")
     path = Path(eval_dir) / REPORT_FILE
-    path.write_text(build_report(Path(eval_dir), predictor, gradcam, latency), encoding="utf-8")
+    write_text(path, build_report(Path(eval_dir), predictor, gradcam, latency))  # atomically, UTF-8
     log.info("report: %s", path)
     return path

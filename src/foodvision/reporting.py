@@ -13,6 +13,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from foodvision.atomic import write_with  # noqa: E402
+
 
 def confusion_figure(
     confusion: Any, class_names: Sequence[str], title: str = "Confusion matrix (row-normalised)"
@@ -53,8 +55,10 @@ def confusion_figure(
 def save_figure(fig, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    try:  # atomically; the format from the final name (the temporary one ends in .tmp)
+        write_with(path, lambda temporary: fig.savefig(temporary, format=path.suffix.lstrip(".") or None))
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -65,6 +69,9 @@ def per_class_markdown(per_class: Mapping[str, Mapping[str, float]]) -> str:
             f"| {name} | {row['precision']:.3f} | {row['recall']:.3f} | {row['f1']:.3f} | {row['support']} |"
         )
     return "\n".join(lines)
+
+
+TENSORBOARD_FIGURE_PIXELS = 2000
 
 
 def log_confusion_to_loggers(
@@ -78,6 +85,9 @@ def log_confusion_to_loggers(
             fig = confusion_figure(
                 confusion.numpy(), module.class_names, f"{stage} confusion (row-normalised)"
             )
+            # Every epoch's picture at most TENSORBOARD_FIGURE_PIXELS on its longer side: at 101 classes the
+            # report's resolution (4,700 px) took ~700 MB while TensorBoard rendered and encoded it.
+            fig.set_dpi(min(fig.get_dpi(), TENSORBOARD_FIGURE_PIXELS / max(fig.get_size_inches())))
             logger.experiment.add_figure(f"{stage}/confusion_matrix", fig, global_step=module.current_epoch)
             plt.close(fig)
             logger.experiment.add_text(

@@ -11,19 +11,25 @@ the exported app (``export.py format=app``) serves.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import json
 import logging
 import os
 import shutil
+import signal
 import tempfile
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import hydra
 from omegaconf import DictConfig
 
+from foodvision.app_template import unknown_fact
+from foodvision.calibration import is_unknown
 from foodvision.checkpoints import run_dir_of
 from foodvision.cli import CONFIG_DIR, required, run_tool
 from foodvision.errors import ToolError
@@ -96,6 +102,9 @@ def model_facts(predictor: Predictor) -> dict[str, Any]:
         "parameters": shown_params,
         "file": f"{predictor.path.name} ({predictor.path.stat().st_size / 1e6:.1f} MB, {predictor.format})",
         "runs on": f"{runs_on}, {predictor.device.type}, {'bf16' if predictor.precision == 'bf16' else 'float32'}",
+        "unknown answers": unknown_fact(
+            predictor.calibration.to_dict()
+        ),  # "" (not shown) without a threshold
     }
 
 
@@ -112,7 +121,7 @@ def example_photos(cfg: DictConfig, run_dir: Path, class_names: Sequence[str], c
         data_args, _ = resolve_eval_data(cfg, run_dir)
         splits = FoodDataModule(**{k: v for k, v in data_args.items() if k != "_target_"}).discover()
     except Exception as error:  # noqa: BLE001 - examples are optional: any problem finding the data means none
-        log.info("no example photos (the run's test data is not at hand: %s)", error)
+        log.info("no example photos (the run's test data is not at hand or not usable: %s)", error)
         return []
     by_class: dict[str, str] = {}
     for path, label in splits.splits.get("test") or []:
@@ -144,14 +153,16 @@ def copy_examples(photos: Sequence[str], folder: Path) -> list[str]:
 
 # ---- the page --------------------------------------------------------------------------------------------
 def predict_files_with(predictor: Predictor) -> Any:
-    """``paths -> [probabilities (numpy) or a message]`` through foodvision's own reading and preprocessing
-    (the same as predict.py)."""
+    """``paths -> [Answer (calibrated probabilities, not sure or not) or a message]`` through foodvision's
+    own reading and preprocessing (the same as predict.py)."""
+    from foodvision.app_template import Answer
 
     def predict_files(paths: Sequence[str]) -> list[Any]:
         result = infer_files(predictor, list(paths), batch_size=32, num_workers=0, progress=False)
         out: list[Any] = [None] * len(paths)
+        unknown = is_unknown(result.logits, predictor.calibration)
         for row, index in enumerate(result.indices):
-            out[index] = result.probabilities[row].numpy()
+            out[index] = Answer(result.probabilities[row].numpy(), bool(unknown[row]))
         reasons = dict(result.failed)
         for index, path in enumerate(paths):
             if out[index] is None:
@@ -181,7 +192,7 @@ def build(cfg: DictConfig, predictor: Predictor, example_dir: Path) -> Any:
         model_facts(predictor),
         examples,
         int(cfg.get("top_k", 5)),
-        f"{predictor.info.num_classes} classes, model `{predictor.path}`",
+        f"{predictor.info.num_classes} classes, model `{predictor.path.name}`",  # a name, never a server path
     )
 
 
@@ -196,28 +207,81 @@ def serve(cfg: DictConfig) -> Any:
     precision = cfg.get("precision", "auto")
     if str(precision).lower() == "auto" and device.type == "cpu":
         precision = "32"  # one photo at a time on a CPU: ONNX Runtime in float32 is the fast path
-    predictor = Predictor(ckpt_path, str(device), precision, cfg.get("engine", "auto"))
+    predictor = Predictor(
+        ckpt_path,
+        str(device),
+        precision,
+        cfg.get("engine", "auto"),
+        trust_torchscript=cfg.get("trust_torchscript", False),
+    )
     log.info("model: %s", predictor.describe())
-    example_dir = Path(tempfile.mkdtemp(prefix="foodvision-serve-"))
-    demo = build(cfg, predictor, example_dir)
     host = str(cfg.get("host") or "127.0.0.1")
     port = cfg.get("port")
-    log.info("demo ready in %.1f s", time.perf_counter() - started)
     block = bool(cfg.get("block", True))
+    example_dir = Path(tempfile.mkdtemp(prefix="foodvision-serve-"))
+    remove_examples = remove_at_exit(example_dir)
     try:
-        launch(
-            demo,
-            host,
-            int(port) if port else None,
-            bool(cfg.get("share", False)),
-            block=block,
-            allowed_paths=[str(example_dir)],
-            inbrowser=bool(cfg.get("open_browser", False)),
-        )
-    finally:
-        if block:
-            shutil.rmtree(example_dir, ignore_errors=True)
+        demo = build(cfg, predictor, example_dir)
+        log.info("demo ready in %.1f s", time.perf_counter() - started)
+        if not block:  # the caller stops it: the examples go with demo.close() (or at exit)
+            demo.close = _then(demo.close, remove_examples)
+        with _terminate_as_interrupt(block):
+            launch(
+                demo,
+                host,
+                int(port) if port else None,
+                bool(cfg.get("share", False)),
+                block=block,
+                allowed_paths=[str(example_dir)],
+                inbrowser=bool(cfg.get("open_browser", False)),
+            )
+    except BaseException:
+        remove_examples()
+        raise
+    if block:
+        remove_examples()
     return None if block else demo
+
+
+# ---- the temporary example folder goes when the demo stops ------------------------------------------------
+def remove_at_exit(folder: Path) -> Callable[[], None]:
+    """A function removing ``folder`` (once; also run at interpreter exit, so nothing is left behind when
+    the demo is stopped any other way)."""
+
+    def remove() -> None:
+        shutil.rmtree(folder, ignore_errors=True)
+        atexit.unregister(remove)
+
+    atexit.register(remove)
+    return remove
+
+
+def _then(first: Callable[..., Any], after: Callable[[], None]) -> Callable[..., Any]:
+    def both(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return first(*args, **kwargs)
+        finally:
+            after()
+
+    return both
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt(active: bool) -> Iterator[None]:
+    """While the demo blocks: SIGTERM (``kill``, a service manager) stops it like Ctrl+C, so the server
+    closes and the example folder is removed (Python's default SIGTERM ends the process without cleanup)."""
+    if not active or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="serve")

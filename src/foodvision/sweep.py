@@ -32,6 +32,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from foodvision.atomic import DiskWriteError, atomic_open, write_json, write_text
 from foodvision.recipe import recipe_summary
 from foodvision.tables import markdown_table
 
@@ -72,7 +73,7 @@ def record_failure(trial_dir: str | Path, error: BaseException, overrides: Seque
         "overrides": list(overrides),
         "time": dt.datetime.now().isoformat(timespec="seconds"),
     }
-    path.write_text(json.dumps(record, indent=2))
+    write_json(path, record)
     return path
 
 
@@ -86,7 +87,12 @@ def run_trial(
         return train_fn(cfg)[0]
     except Exception as error:
         hydra_cfg = HydraConfig.get()
-        path = record_failure(hydra_cfg.runtime.output_dir, error, list(hydra_cfg.overrides.task))
+        try:
+            path: Path | str = record_failure(
+                hydra_cfg.runtime.output_dir, error, list(hydra_cfg.overrides.task)
+            )
+        except DiskWriteError as unwritten:  # a full disk: the log line is the record
+            path = f"no failed.json ({unwritten})"
         log.exception(
             "trial %s failed (%s: %s); recorded in %s, the sweep goes on",
             hydra_cfg.job.num,
@@ -230,7 +236,7 @@ def write_sweep_summary(
     rows = sweep_rows(sweep_dir, cache)
     columns = _columns(rows)
     csv_path, md_path = sweep_dir / f"{name}.csv", sweep_dir / f"{name}.md"
-    with csv_path.open("w", newline="") as handle:
+    with atomic_open(csv_path, "w", newline="") as handle:  # parallel trials rewrite it: never half a file
         writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows({k: ("" if v is None else v) for k, v in r.items()} for r in rows)
@@ -251,7 +257,7 @@ def write_sweep_summary(
     if common:
         header += "\n\nevery trial: `" + " ".join(common) + "`"
     table = markdown_table(shown, [c for c in columns if c != "checkpoint"], missing="")
-    md_path.write_text(f"{header}\n\n{table}\n")
+    write_text(md_path, f"{header}\n\n{table}\n")
     return csv_path, md_path, table
 
 

@@ -3,36 +3,64 @@
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
 import os
 import sys
 import time
 import warnings
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning as L
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from foodvision.atomic import (
+    disk_error,
+    ensure_dir,
+    quiet_thread_disk_errors,
+    write_json,
+    write_problem,
+    write_text,
+)
+from foodvision.callbacks.checkpointing import use_atomic_checkpoints
 from foodvision.checkpoints import checkpoint_info, read_checkpoint
 from foodvision.cli import EXPECTED_ERRORS
 from foodvision.config_check import ConfigError, check_train_config
 from foodvision.data.datamodule import FoodDataModule
-from foodvision.data.sources import default_food101_root
+from foodvision.data.mixing import mixing_settings
+from foodvision.data.sources import DataLayoutError, default_food101_root
 from foodvision.errors import ModelLoadError
 from foodvision.hardware import auto_precision
 from foodvision.module import LitClassifier
 from foodvision.recipe import recipe_summary
+from foodvision.resume import (
+    HeldRunLog,
+    check_not_finished,
+    find_last,
+    normalized_root,
+    remove_unused_run_dir,
+    resume_target,
+    run_identity,
+    unique_run_dir,
+    write_resume_record,
+)
 from foodvision.sweep import run_trial
+from foodvision.tuning import run_tuner
 
 log = logging.getLogger(__name__)
 # Expected here: the frozen backbone's norm layers are in eval mode on purpose.
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
 warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+# Expected: the module mixes training batches (augment.mixup/cutmix) in its on_after_batch_transfer.
+warnings.filterwarnings("ignore", message=r".*overridden `on_after_batch_transfer` in `LightningModule`.*")
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 
@@ -44,52 +72,94 @@ def resolve_precision(precision: Any, accelerator: str) -> Any:
     return auto_precision("cuda" if on_gpu else "cpu")
 
 
-def resolve_data_root(cfg: DictConfig) -> None:
-    """Food-101 at data.root, else $FOOD101_ROOT, data/food-101, ../shared/data/food101-mini/food-101."""
-    if cfg.data.source != "food101" or cfg.data.root is not None or cfg.data.get("download"):
-        return
-    root = Path(cfg.paths.root_dir)
-    candidates = [
+def food101_candidates(root_dir: str) -> list[str | Path]:
+    """Where a null Food-101 ``data.root`` is looked for: $FOOD101_ROOT, data/food-101,
+    ../shared/data/food101-mini/food-101."""
+    base = Path(root_dir)
+    return [
         os.environ.get("FOOD101_ROOT", ""),
-        root / "data" / "food-101",
-        root / "../shared/data/food101-mini/food-101",
+        base / "data" / "food-101",
+        base / "../shared/data/food101-mini/food-101",
     ]
-    cfg.data.root = str(default_food101_root(candidates).resolve())
 
 
-def resolve_checkpoint(ckpt_path: str | None, log_dir: str) -> str | None:
-    """``last``: the newest ``last.ckpt`` of any run under ``log_dir``; a path must exist."""
+def data_root_of(data: Mapping[str, Any], root_dir: str) -> Any:
+    """The data root a run with these ``data`` settings reads: ``data.root``, else (Food-101) the default
+    one (:func:`food101_candidates`; None when there is none)."""
+    root = data.get("root")
+    if data.get("source") != "food101" or root is not None or data.get("download"):
+        return root
+    try:
+        return str(default_food101_root(food101_candidates(root_dir)).resolve())
+    except DataLayoutError:
+        return None
+
+
+def resolve_data_root(cfg: DictConfig) -> None:
+    """A null Food-101 data.root becomes the default one (:func:`food101_candidates`), or an error saying
+    how to get it; a data.root is made absolute, so the run's config.yaml names its data wherever it is read."""
+    if OmegaConf.is_missing(cfg.data, "root"):
+        return
+    if cfg.data.source == "food101" and cfg.data.root is None and not cfg.data.get("download"):
+        cfg.data.root = str(default_food101_root(food101_candidates(cfg.paths.root_dir)).resolve())
+    if not OmegaConf.is_interpolation(cfg.data, "root"):  # ${...} roots resolve where they are read
+        cfg.data.root = normalized_root(cfg.data.root)
+
+
+def resume_identity(cfg: DictConfig) -> tuple[dict[str, Any], Callable[[Mapping[str, Any]], Any]]:
+    """This run's :func:`foodvision.resume.run_identity` (from the config as composed, unresolved) and how
+    to find the data root a recorded config reads."""
+    root_dir = str(OmegaConf.select(cfg, "paths.root_dir", default=".") or ".")
+
+    def root_of(config: Mapping[str, Any]) -> Any:
+        data = config.get("data")
+        return data_root_of(data if isinstance(data, Mapping) else {}, root_dir)
+
+    plain = OmegaConf.to_container(cfg, resolve=False)
+    assert isinstance(plain, dict)
+    return run_identity(plain, root_of(plain)), root_of
+
+
+def resolve_checkpoint(ckpt_path: str | None, log_dir: str, cfg: DictConfig | None = None) -> str | None:
+    """``last``: the ``last.ckpt`` of the newest interrupted run of this config (``cfg``) under ``log_dir``
+    (:func:`foodvision.resume.find_last`); a path must exist."""
     if not ckpt_path:
         return None
     if ckpt_path == "last":
-        found = sorted(Path(log_dir).glob("**/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
-        if not found:
-            raise ConfigError(
-                f"ckpt_path=last but there is no last.ckpt under {log_dir} (paths.log_dir): nothing to resume"
-            )
-        return str(found[-1])
+        if cfg is None:
+            raise ValueError("ckpt_path=last needs the run's config to find a run of the same config")
+        ours, root_of = resume_identity(cfg)
+        return str(find_last(log_dir, ours, root_of))
     if not Path(ckpt_path).is_file():
         raise ConfigError(f"ckpt_path={ckpt_path}: no such checkpoint file")
     return ckpt_path
 
 
-def resume_run_dir(ckpt_path: str | None, log_dir: str, fresh: str) -> str:
+def resume_run_dir(ckpt_path: str | None, log_dir: str, fresh: str, *, _root_: DictConfig) -> str:
     """The run dir a run writes to: the interrupted run's (``<run>/checkpoints/x.ckpt``) when resuming,
-    else ``fresh``. Used by Hydra's ``hydra.run.dir`` (resolver ``fv_run_dir``), so a resumed run appends to
-    its own ``train.log`` instead of leaving a stray run dir; never raises (train() reports bad paths)."""
+    else a new one (``fresh``, made unique: :func:`foodvision.resume.unique_run_dir`). Used by Hydra's
+    ``hydra.run.dir`` (resolver ``fv_run_dir``, ``_root_`` the composed config), so a resumed run appends
+    to its own ``train.log`` instead of leaving a stray run dir; never raises (train() reports bad paths
+    and refusals)."""
     try:
-        path = resolve_checkpoint(ckpt_path, log_dir)
-    except ConfigError:
-        return fresh
-    if path is None or Path(path).resolve().parent.name != "checkpoints":
-        return fresh
-    return str(Path(path).resolve().parent.parent)
+        path = resolve_checkpoint(ckpt_path, log_dir, _root_)
+    except Exception:  # noqa: BLE001 - train() meets the same error and reports it in one line
+        path = None
+    target = resume_target(path) if path else None
+    if target is None or target.run_dir is None:
+        return unique_run_dir(fresh)
+    return str(target.run_dir)
 
 
-def hydra_subdir(ckpt_path: str | None) -> str:
-    """Where Hydra keeps its record of a run: ``.hydra``, or ``.hydra/resume-<time>`` for each resume (the
-    original record stays)."""
-    return f".hydra/resume-{dt.datetime.now():%Y-%m-%d_%H-%M-%S}" if ckpt_path else ".hydra"
+def hydra_subdir(ckpt_path: str | None, mode: Any = "RUN") -> str | None:
+    """Where Hydra keeps its record of a run: ``.hydra``; none for a single resumed run, whose record
+    train() writes once the resume is accepted (:func:`foodvision.resume.write_resume_record`), so a
+    refused resume writes nothing into the run; ``.hydra/resume-<time>`` for a trial of a multirun."""
+    if not ckpt_path:
+        return ".hydra"
+    if getattr(mode, "name", str(mode)) == "RUN":
+        return None
+    return f".hydra/resume-{dt.datetime.now():%Y-%m-%d_%H-%M-%S}"
 
 
 for _name, _resolver in (("fv_run_dir", resume_run_dir), ("fv_hydra_subdir", hydra_subdir)):
@@ -97,10 +167,11 @@ for _name, _resolver in (("fv_run_dir", resume_run_dir), ("fv_hydra_subdir", hyd
         OmegaConf.register_new_resolver(_name, _resolver)
 
 
-def check_resumable(ckpt_path: str, module: LitClassifier) -> None:
+def check_resumable(ckpt_path: str, module: LitClassifier, max_epochs: int | None = None) -> None:
     """Refuse, with the differences spelled out, a damaged checkpoint or one of another architecture or
-    class set."""
-    saved = checkpoint_info(read_checkpoint(ckpt_path), ckpt_path)
+    class set, or (with ``max_epochs``) one of a finished run with no epoch left to train."""
+    checkpoint = read_checkpoint(ckpt_path)
+    saved = checkpoint_info(checkpoint, ckpt_path)
     problems = []
     for key in ("kind", "name", "head", "scratch"):
         theirs, ours = saved.model.get(key), module.hparams.model.get(key)
@@ -114,15 +185,40 @@ def check_resumable(ckpt_path: str, module: LitClassifier) -> None:
         )
     if problems:
         raise ModelLoadError(f"cannot resume from {ckpt_path}: " + "; ".join(problems))
+    if max_epochs is not None:
+        check_not_finished(resume_target(ckpt_path), checkpoint, max_epochs)
+
+
+def accept_resume(
+    datamodule: FoodDataModule, run_dir: Path, held: HeldRunLog | None, composed: str, fresh: bool
+) -> None:
+    """Once a resume is accepted: the held log lines go to the run's train.log, Hydra's record of this
+    invocation to ``.hydra/resume-<time>/``, and splits.csv is written (a warning if the data changed)."""
+    if held is not None:
+        held.release()
+    if rank_zero_only.rank != 0:
+        return
+    write_resume_record(run_dir, composed, fresh)
+    splits = run_dir / "splits.csv"
+    before = splits.read_bytes() if splits.is_file() else None
+    datamodule.save_splits()
+    if before is not None and splits.is_file() and splits.read_bytes() != before:
+        log.warning(
+            "the data changed since this run started: %s now lists other files (the resumed epochs train on "
+            "them, so the run no longer repeats the uninterrupted one)",
+            splits,
+        )
 
 
 def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
-    """Every ``callbacks.<name>`` with a ``_target_`` (conf/callbacks/*.yaml), in config order."""
-    return [
+    """Every ``callbacks.<name>`` with a ``_target_`` (conf/callbacks/*.yaml), in config order; a target
+    may build nothing (``callbacks.ema.enabled=false``)."""
+    built = [
         hydra.utils.instantiate(c, _convert_="all")
         for c in (cfg.get("callbacks") or {}).values()
         if c and "_target_" in c
     ]
+    return [c for c in built if c is not None]
 
 
 def build_module(cfg: DictConfig, datamodule: FoodDataModule) -> LitClassifier:
@@ -140,6 +236,7 @@ def build_module(cfg: DictConfig, datamodule: FoodDataModule) -> LitClassifier:
         max_epochs=cfg.trainer.max_epochs,
         class_weights=class_weights,
         class_counts=datamodule.class_counts("train") if class_weights is not None else None,
+        mixing=mixing_settings(OmegaConf.to_container(cfg.augment, resolve=True)),
     )
 
 
@@ -147,33 +244,51 @@ def train(cfg: DictConfig) -> tuple[float | None, dict[str, Any]]:
     """Fit and test; returns the optimised metric (for sweepers) and the final metrics."""
     started = time.time()
     check_train_config(cfg)
-    resume = resolve_checkpoint(cfg.get("ckpt_path"), cfg.paths.log_dir)
+    composed = OmegaConf.to_yaml(cfg)  # for the record of a resume, written once it is accepted
+    try:
+        resume = resolve_checkpoint(cfg.get("ckpt_path"), cfg.paths.log_dir, cfg)
+    except ConfigError:  # no run to resume: the new dir Hydra made for this invocation goes again
+        remove_unused_run_dir(OmegaConf.select(cfg, "paths.output_dir", throw_on_resolution_failure=False))
+        raise
+    target = resume_target(resume) if resume else None
+    continued = target.run_dir if target is not None else None  # the interrupted run's dir, if any
+    # Nothing is written into that run until the resume is accepted: its train.log waits (foodvision.resume).
+    held = HeldRunLog(continued) if continued is not None else None
     with open_dict(cfg):
         resolve_data_root(cfg)
-        if resume:  # keep writing into the interrupted run's dir
-            cfg.paths.output_dir = str(Path(resume).resolve().parent.parent)
+        if continued is not None:  # keep writing into the interrupted run's dir
+            cfg.paths.output_dir = str(continued)
         cfg.trainer.precision = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator)
-    run_dir = Path(cfg.paths.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = ensure_dir(cfg.paths.output_dir)
     L.seed_everything(cfg.seed, workers=True)
 
     datamodule: FoodDataModule = hydra.utils.instantiate(
         cfg.data, augment=OmegaConf.to_container(cfg.augment)
     )
-    datamodule.discover()
+    datamodule.discover(save_splits=not resume)  # a resume's splits.csv waits for its acceptance
     module = build_module(cfg, datamodule)
     datamodule.preprocessing = module.preprocessing
     if resume:
-        check_resumable(resume, module)
+        try:
+            check_resumable(resume, module, cfg.trainer.max_epochs)
+        except BaseException:
+            if held is not None:
+                held.refuse()  # the interrupted run's log stays as it was
+            raise
+        accept_resume(datamodule, run_dir, held, composed, fresh=continued is None)
     datamodule.verify_images()  # every split, before any training: all bad files reported at once
+    tuned = None if resume else run_tuner(cfg, module, datamodule, run_dir)  # tune=lr_find|batch_size
+    if tuned is not None and not tuned["apply"]:  # without tune.apply the finder's result is the run's
+        return None, {"run_dir": str(run_dir), **{k: v for k, v in tuned.items() if not isinstance(v, list)}}
     loggers = [
         hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values() if c and "_target_" in c
     ]
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=build_callbacks(cfg), logger=loggers or False
     )
-    if trainer.is_global_zero and not resume:  # a resumed run keeps the config it was started with
-        OmegaConf.save(cfg, run_dir / "config.yaml")
+    use_atomic_checkpoints(trainer, run_dir)  # a full disk leaves the previous checkpoint, never half a file
+    if trainer.is_global_zero and continued is None:  # a resumed run keeps the config it was started with
+        write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
     hparams = _flat_hparams(cfg, datamodule, module)
     for logger in loggers:
         logger.log_hyperparams(hparams)
@@ -201,14 +316,18 @@ def train(cfg: DictConfig) -> tuple[float | None, dict[str, Any]]:
     bad = datamodule.bad_images()
     metrics["skipped_bad_images"] = len(bad)
     metrics["bad_images"] = bad
+    metrics.update(datamodule.duplicate_check.summary())  # exact duplicates across the splits (#23)
+    metrics["excluded_label_issues"] = len(datamodule.excluded_label_issues)  # data.exclude_label_issues
     metrics["wall_seconds"] = round(time.time() - started, 1)
     if trainer.is_global_zero:
-        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        write_json(run_dir / "metrics.json", metrics)
+        final = {f"hp/{k}": v for k, v in metrics.items() if isinstance(v, float) and "/" in k}
         for logger in loggers:
-            logger.log_hyperparams(
-                hparams,
-                {f"hp/{k}": v for k, v in metrics.items() if isinstance(v, float) and "/" in k},
-            )
+            if isinstance(logger, TensorBoardLogger):  # its HPARAMS tab pairs the settings with the results
+                logger.log_hyperparams(hparams, final)
+            else:  # CSVLogger and others take the settings alone
+                logger.log_metrics(final, step=trainer.global_step)
+                logger.save()  # fit has already finalised it: write the row now
         log.info("run dir: %s", run_dir)
         summary = {
             k: round(v, 4) for k, v in metrics.items() if k.startswith("test/") and isinstance(v, float)
@@ -225,7 +344,9 @@ def eval_precision(trainer_precision: Any) -> str:
 
 def evaluate_best_checkpoint(cfg: DictConfig, trainer: L.Trainer, run_dir: Path) -> dict[str, Any]:
     """Evaluate the best checkpoint (else ``last.ckpt``) on the test split with ``eval.py``'s code: the
-    same metrics, keys and files (``<run>/eval-test/``) as ``python eval.py ckpt_path=<it>`` gives."""
+    same metrics, keys and files (``<run>/eval-test/``) as ``python eval.py ckpt_path=<it>`` gives. With
+    ``eval.calibrate`` (the default) its temperature and unknown threshold are fitted on the val split
+    first and saved in it (and in ``last.ckpt``): :mod:`foodvision.trust`."""
     from foodvision.evaluate import evaluate
 
     checkpoint_callback = trainer.checkpoint_callback
@@ -253,6 +374,10 @@ def evaluate_best_checkpoint(cfg: DictConfig, trainer: L.Trainer, run_dir: Path)
     )
     log.info("testing %s on the test split (eval.py's code) -> %s", checkpoint, eval_cfg.output_dir)
     result = evaluate(eval_cfg)
+    if eval_cfg.get("calibrate") and last.is_file() and last.resolve() != Path(checkpoint).resolve():
+        from foodvision.trust import calibrate_checkpoint  # last.ckpt is served too: its own calibration
+
+        calibrate_checkpoint(eval_cfg, last)
     tested = {k: v for k, v in result.items() if k.startswith("test/")}
     tested.update(
         best_checkpoint=checkpoint,
@@ -276,17 +401,43 @@ def _flat_hparams(cfg: DictConfig, datamodule: FoodDataModule, module: LitClassi
     return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat.items()}
 
 
+class RunDirCheck(Callback):
+    """A Hydra callback (conf/hydra/default.yaml): before Hydra writes into a new run dir (``.hydra/``,
+    ``train.log``), check that it can, so a read-only or full disk is one ``error:`` line, not Hydra's
+    traceback."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        HydraConfig.instance().set_config(config)  # what run_job does next: ${hydra:...} resolves
+        run_dir = OmegaConf.select(config, "hydra.run.dir", default=None)
+        problem = write_problem(run_dir, keep=False) if run_dir else None  # Hydra creates it right after
+        if problem is not None and os.environ.get("HYDRA_FULL_ERROR") != "1":
+            print(f"error: {problem}", file=sys.stderr, flush=True)
+            sys.exit(1)  # SystemExit passes Hydra's callback guard
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
     # In a multirun a failing trial is logged and written to <trial dir>/failed.json and the sweep goes on.
     # A user error (bad data, config or checkpoint) ends a single run with one message, no traceback.
+    background = quiet_thread_disk_errors(lambda: (cfg.paths.output_dir,))
     try:
-        return run_trial(train, cfg)
+        value = run_trial(train, cfg)
     except EXPECTED_ERRORS as error:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         print(f"error: {error}\n(HYDRA_FULL_ERROR=1 shows the traceback)", file=sys.stderr, flush=True)
         sys.exit(1)
+    except Exception as error:
+        # A full disk, a read-only or deleted run dir: wherever the write was (ours, Lightning's loggers,
+        # a C++ writer), one line naming the file.
+        disk = disk_error(error, (cfg.paths.output_dir,))
+        if disk is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"error: {disk}\n(HYDRA_FULL_ERROR=1 shows the traceback)", file=sys.stderr, flush=True)
+        sys.exit(1)
+    for disk in background[:1]:  # a logger thread died and the run did not meet the error again
+        log.warning("a background writer stopped: %s", disk)
+    return value
 
 
 if __name__ == "__main__":

@@ -3,10 +3,14 @@
 While the backbone is frozen and the training images are not augmented, every epoch would compute
 the same pooled features again. This callback computes them once (progress bar), stores them on disk
 under a key that covers everything they depend on, and hands them to the datamodule, so stage 1
-trains the head on in-memory tensors. Stage 2 leaves the stem and lower blocks frozen, so their output
+trains the head on them. Stage 2 leaves the stem and lower blocks frozen, so their output
 (feature maps) is cached in the same pass and stage 2 trains only the unfrozen top on it; where that is
 not possible (augmentation on, a backbone that cannot be cut), stage 2 goes back to images. A second
 run, and every trial of a sweep, finds the features on disk.
+
+The features are memory-mapped stores (:mod:`foodvision.data.store`): rows are written as extraction goes
+and training reads each batch's rows from the files, so neither holds a split in memory (Food-101's 68k
+training photos at 256 px: 3.3 GB of maps that the kernel pages in and out as needed).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,20 +26,22 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
-from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
 
+from foodvision.atomic import fallback_cache_dir, writable_cache_dir
 from foodvision.callbacks.finetune import TwoStageFinetuning
-from foodvision.data.cached import CachedInputs
+from foodvision.data.cached import CachedInputs, StoredView
+from foodvision.data.store import Store, StoreError, StoreWriter, open_store, remove_store
 from foodvision.data.verify import image_list_digest
 from foodvision.engine import ChunkedForward, onnxruntime_or_none, resolve_engine, torch_max_batch
 from foodvision.models.classifier import POOLED, prefix_entry
 
 log = logging.getLogger(__name__)
 
-# 2: prefix maps may be stored in float16 (see extract_features' maps_dtype); 3: the train split's are (files
-# of earlier formats are rebuilt).
-CACHE_FORMAT = 3
+# 2: prefix maps may be stored in float16 (see extract_features' maps_dtype); 3: the train split's are; 4:
+# memory-mapped stores (foodvision.data.store) instead of torch.save files (entries of earlier formats are
+# rebuilt; their files are left alone).
+CACHE_FORMAT = 4
 # Storage dtype of the cached prefix maps of the train split: half the bytes of float32 (3,380 MobileNetV2
 # maps at 256 px: 159 MB instead of 317 MB), served as float32 batch by batch (CachedInputs.collate).
 # Rounding to float16 (11 significant bits, relative error <= 2**-11) is far below what training
@@ -151,30 +158,34 @@ class PooledAndPrefix(torch.nn.Module):
 
 
 @torch.inference_mode()
-def extract_features(
+def extract_to_stores(
     pl_module: L.LightningModule,
     loader: torch.utils.data.DataLoader,
     run: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]],
     desc: str,
+    pooled_path: str | Path | None,
+    maps_path: str | Path | None = None,
     flip: bool = False,
     maps_dtype: torch.dtype | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Pooled backbone features, labels and (when ``run`` gives them) the frozen prefix's feature maps of
-    every readable image of ``loader``, in order, from one pass of the backbone in eval mode (of the
-    mirrored images with ``flip``).
+) -> tuple[Store | None, Store | None]:
+    """Pooled backbone features and (when ``run`` gives them and ``maps_path`` is set) the frozen prefix's
+    feature maps of every readable image of ``loader``, in order, with their labels, from one pass of the
+    backbone in eval mode (of the mirrored images with ``flip``), written to the stores at ``pooled_path``
+    and ``maps_path`` (``None``: not kept).
 
-    Rows are written into tensors sized for the whole dataset when the first batch arrives, not gathered
-    and concatenated: the prefix maps are large (3,380 x 96x16x16 floats: 330 MB), and a list plus its
-    concatenation would hold them twice. ``maps_dtype``: how float32 prefix maps are stored (``None``: as
-    ``run`` gives them, e.g. bf16 under bf16 autocast); :data:`COMPACT_MAPS_DTYPE` halves their memory (the
-    consumer upcasts each batch: :meth:`foodvision.data.cached.CachedInputs.collate`); a map beyond
-    float16's range keeps the whole split in float32."""
+    Rows are appended to the stores' files batch by batch: the split is never held in memory (3,380 x
+    96x16x16 maps are 330 MB in float32; Food-101's 68k photos 6.6 GB). A store appears under its name only
+    once complete (:class:`foodvision.data.store.StoreWriter`); an interrupted pass leaves nothing.
+    ``maps_dtype``: how float32 prefix maps are stored (``None``: as ``run`` gives them, e.g. bf16 under
+    bf16 autocast); :data:`COMPACT_MAPS_DTYPE` halves them (the consumer upcasts each batch:
+    :meth:`foodvision.data.cached.CachedInputs.collate`); a map beyond float16's range turns the whole
+    split to float32 (the rows written so far are converted on disk)."""
     backbone = pl_module.net.backbone
     was_training = backbone.training
     backbone.eval()
-    rows = len(loader.dataset)  # an upper bound: unreadable images may be skipped
-    pooled = labels = maps = None
-    filled = 0
+    pooled = StoreWriter(pooled_path) if pooled_path is not None else None
+    maps = None
+    stored_dtype = torch.float32
     try:
         for batch in tqdm(loader, desc=desc, unit="batch", dynamic_ncols=True):
             if batch is None:
@@ -184,35 +195,56 @@ def extract_features(
                 images = images.flip(-1)
             features, prefix = run(images)
             del images
-            if pooled is None:
-                pooled = features.new_empty((rows, *features.shape[1:]), dtype=torch.float32)
-                labels = targets.new_empty((rows, *targets.shape[1:]), device="cpu")
-                if prefix is not None:
-                    dtype = (
-                        maps_dtype
-                        if maps_dtype is not None and prefix.dtype == torch.float32
-                        else prefix.dtype
-                    )
-                    maps = prefix.new_empty((rows, *prefix.shape[1:]), device="cpu", dtype=dtype)
-            count = len(features)
-            pooled[filled : filled + count] = features.float()
-            labels[filled : filled + count] = targets.cpu()
-            if maps is not None and prefix is not None:
-                if maps.dtype == torch.float16 and float(prefix.abs().max()) > FLOAT16_MAX:
+            targets = targets.cpu()
+            if pooled is not None:
+                pooled.append(features=features.float(), labels=targets)
+            if prefix is not None and maps_path is not None:
+                if maps is None:
+                    maps = StoreWriter(maps_path)
+                    compact = maps_dtype is not None and prefix.dtype == torch.float32
+                    stored_dtype = maps_dtype if compact else prefix.dtype
+                if stored_dtype == torch.float16 and float(prefix.abs().max()) > FLOAT16_MAX:
                     log.warning("%s: feature maps beyond float16's range: stored in float32", desc)
-                    wide = maps.new_empty(maps.shape, dtype=torch.float32)
-                    wide[:filled] = maps[:filled]
-                    maps = wide
-                maps[filled : filled + count] = prefix
-            filled += count
+                    stored_dtype = torch.float32
+                    if maps.rows:
+                        maps.widen("features", torch.float32)
+                maps.append(features=prefix, labels=targets, dtypes={"features": stored_dtype})
+        if (pooled is not None and not pooled.rows) or (pooled is None and (maps is None or not maps.rows)):
+            raise RuntimeError(f"{desc}: no readable images")
+        stored = (
+            pooled.commit() if pooled is not None else None,
+            maps.commit() if maps is not None else None,
+        )
+    except BaseException:
+        for writer in (pooled, maps):
+            if writer is not None:
+                writer.abort()
+        raise
     finally:
         backbone.train(was_training)
-    if pooled is None:
-        raise RuntimeError(f"{desc}: no readable images")
-    if filled < rows:  # a copy, so that the saved tensors do not carry the unused rows
-        pooled, labels = pooled[:filled].clone(), labels[:filled].clone()
-        maps = maps[:filled].clone() if maps is not None else None
-    return pooled, labels, maps
+    return stored
+
+
+def extract_features(
+    pl_module: L.LightningModule,
+    loader: torch.utils.data.DataLoader,
+    run: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]],
+    desc: str,
+    flip: bool = False,
+    maps_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """:func:`extract_to_stores` into a temporary folder, read back as in-memory tensors
+    ``(pooled, labels, maps or None)``: for small sets and checks (training reads the stores)."""
+    with tempfile.TemporaryDirectory(prefix="foodvision-features-") as folder:
+        pooled, maps = extract_to_stores(
+            pl_module, loader, run, desc, Path(folder) / "pooled", Path(folder) / "maps", flip, maps_dtype
+        )
+        assert pooled is not None
+        return (
+            pooled.load("features"),
+            pooled.load("labels"),
+            maps.load("features") if maps is not None else None,
+        )
 
 
 class FeatureCache(Callback):
@@ -255,7 +287,7 @@ class FeatureCache(Callback):
         self.depth: int | None = None
         self.hits: list[str] = []
         self.builds: list[str] = []
-        self._prefix_maps: dict[str, dict[str, TensorDataset]] = {}  # split -> view -> cached maps
+        self._prefix_maps: dict[str, dict[str, StoredView]] = {}  # split -> view -> cached maps
         self._reload_setting: int | None = None  # the trainer's own, while a loader reload is pending
 
     def _finetune(self, trainer: L.Trainer) -> TwoStageFinetuning | None:
@@ -312,7 +344,7 @@ class FeatureCache(Callback):
             return ["plain"] + (["flip"] if self.flip else []) + [f"augment{k}" for k in range(self.views)]
         return ["plain"] + (["flip"] if getattr(pl_module.net, "test_time_flip", False) else [])
 
-    def _assemble(self, split: str, entry: str, sets: dict[str, TensorDataset]) -> CachedInputs:
+    def _assemble(self, split: str, entry: str, sets: dict[str, StoredView]) -> CachedInputs:
         if split == "train":  # each epoch draws one view per sample
             return CachedInputs(entry, [sets[v] for v in sets])
         return CachedInputs(entry, [sets["plain"]], mirrored=sets.get("flip"))
@@ -329,7 +361,7 @@ class FeatureCache(Callback):
 
     def _load_or_build_view(
         self, trainer: L.Trainer, pl_module: L.LightningModule, split: str, output: str, view: str
-    ) -> TensorDataset:
+    ) -> StoredView:
         """One view; building the pooled features also stores the prefix maps (same pass) when stage 2
         will use them."""
         datamodule = trainer.datamodule
@@ -341,18 +373,18 @@ class FeatureCache(Callback):
         augment = view.startswith("augment")
         view_spec = f"{view}:{json.dumps(self.view_augment, sort_keys=True)}:{self.seed}" if augment else view
 
-        def cache_path(kind: str, digest: str) -> Path:
+        def entry_name(kind: str, digest: str) -> str:
             key = feature_cache_key(name, digest, pre, paths, precision, f"{kind}:{view_spec}")
-            return self.cache_dir / f"{split}-{kind}-{view}-{key}.pt"
+            return f"{split}-{kind}-{view}-{key}"
 
-        pooled_path = cache_path("pooled", state_digest(backbone))
-        prefix_path = None
+        pooled_name = entry_name("pooled", state_digest(backbone))
+        prefix_name = None
         if self.depth is not None:
-            prefix_path = cache_path(f"prefix{self.depth}", state_digest(backbone, in_prefix(self.depth)))
-        wanted = pooled_path if output == POOLED else prefix_path
+            prefix_name = entry_name(f"prefix{self.depth}", state_digest(backbone, in_prefix(self.depth)))
+        wanted = pooled_name if output == POOLED else prefix_name
         assert wanted is not None
-        built: dict[str, TensorDataset] = {}  # this process's fresh tensors: not loaded a second time
-        if trainer.is_global_zero and not wanted.is_file():
+        found = self._find(wanted) if trainer.is_global_zero else None
+        if trainer.is_global_zero and found is None:
             dataset = (
                 datamodule.image_dataset(
                     split, True, self.view_augment, item_seed=self.seed * 10_007 + int(view[len("augment") :])
@@ -370,40 +402,57 @@ class FeatureCache(Callback):
                     self.engine,
                     str(trainer.precision),
                 )
-            features, labels, maps = extract_features(
+            folder = self._write_dir()
+            pooled, maps = extract_to_stores(
                 pl_module,
                 loader,
                 self._runner,
                 f"caching {split} features" + ("" if view == "plain" else f" ({view})"),
+                pooled_path=folder / pooled_name if output == POOLED else None,
+                maps_path=folder / prefix_name if prefix_name is not None else None,
                 flip=view == "flip",
-                # train maps in float16 (half the memory of stage 2's largest tensor); val stays float32 so
+                # train maps in float16 (half the bytes of stage 2's largest input); val stays float32 so
                 # cached validation equals eval.py on images to 1e-4
                 maps_dtype=COMPACT_MAPS_DTYPE if split == "train" else None,
             )
-            if output == POOLED:
-                self._save(pooled_path, {"features": features, "labels": labels})
-                built["pooled"] = TensorDataset(features, labels)
-            if maps is not None and prefix_path is not None:
-                self._save(prefix_path, {"features": maps, "labels": labels})
-                built["prefix"] = TensorDataset(maps, labels)
-            del features, maps
-        else:
-            self.hits.append(str(wanted))
-            log.info("feature cache hit: %s", wanted)
+            for store in (pooled, maps):
+                if store is not None:
+                    self.builds.append(str(store.path))
+                    log.info("cached %d feature rows in %s", len(store), store.path)
+        elif found is not None:
+            self.hits.append(str(found.path))
+            log.info("feature cache hit: %s", found.path)
         trainer.strategy.barrier("feature-cache")
-        if output == POOLED and prefix_path is not None and prefix_path.is_file():
-            maps = built.pop("prefix", None)
-            self._prefix_maps.setdefault(split, {})[view] = maps if maps is not None else _load(prefix_path)
-        fresh = built.get("pooled" if output == POOLED else "prefix")
-        return fresh if fresh is not None else _load(wanted)
+        if output == POOLED and prefix_name is not None:
+            maps_store = self._find(prefix_name)
+            if maps_store is not None:
+                self._prefix_maps.setdefault(split, {})[view] = StoredView(maps_store)
+        store = self._find(wanted)
+        if store is None:  # another rank's build, not visible here (a cache folder not shared by the nodes)
+            raise RuntimeError(
+                f"feature cache entry {wanted} is missing after it was built (cache dir {self.cache_dir})"
+            )
+        return StoredView(store)
 
-    def _save(self, path: Path, tensors: dict[str, torch.Tensor]) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_suffix(".tmp")
-        torch.save(tensors, temporary)
-        temporary.replace(path)  # atomic: an interrupted build never leaves a half-written cache
-        self.builds.append(str(path))
-        log.info("cached %d feature rows in %s", len(tensors["labels"]), path)
+    def _write_dir(self) -> Path:
+        """The cache folder, or (read-only, full, not ours) a temporary one, with one warning."""
+        return writable_cache_dir(self.cache_dir, "feature cache")
+
+    def _find(self, name: str) -> Store | None:
+        """The complete entry ``name`` in the cache folder (or in its temporary fallback), ``None`` when
+        there is none. A damaged one (truncated or half-replaced files) is named in one line, removed and
+        counts as missing, so that it is rebuilt."""
+        for folder in (self.cache_dir, fallback_cache_dir(self.cache_dir)):
+            path = folder / name
+            try:
+                store = open_store(path)
+            except StoreError as error:
+                log.warning("feature cache entry %s is damaged (%s): rebuilding it", error.path, error.reason)
+                remove_store(path)
+                continue
+            if store is not None:
+                return store
+        return None
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """At the stage switch (decided by the finetune callback at validation end): prefix maps or images."""
@@ -435,8 +484,3 @@ class FeatureCache(Callback):
                 trainer.datamodule.use_cached(split, None)
         self._prefix_maps.clear()
         self.mode = None
-
-
-def _load(path: Path) -> TensorDataset:
-    stored = torch.load(path, map_location="cpu", weights_only=True)
-    return TensorDataset(stored["features"], stored["labels"])

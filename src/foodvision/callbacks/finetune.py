@@ -64,7 +64,9 @@ class TwoStageFinetuning(Callback):
     """Stage 1 trains the head on a frozen backbone; stage 2 also trains the selected top blocks.
 
     Stage 1 ends after ``stage1_epochs`` epochs, or, with ``patience`` set, earlier when ``monitor``
-    has not improved for ``patience`` epochs. ``unfreeze='none'`` keeps the backbone frozen throughout.
+    has not improved for ``patience`` epochs, or, under a time budget (``trainer.max_time``), after the
+    epoch during which ``stage1_share`` of it was spent, so that stage 2 runs within the budget.
+    ``unfreeze='none'`` keeps the backbone frozen throughout.
     The backbone's learning rate is the module's (``optimizer.backbone_lr_factor``), its schedule the
     scheduler's.
     """
@@ -76,8 +78,14 @@ class TwoStageFinetuning(Callback):
         train_bn: bool = False,
         patience: int | None = None,
         monitor: str = "val/loss",
+        stage1_share: float | None = 0.25,
     ):
         super().__init__()
+        if stage1_share is not None and not 0 < stage1_share < 1:
+            raise ValueError(
+                f"callbacks.finetune.stage1_share must be in (0, 1) or null, got {stage1_share!r}"
+            )
+        self.stage1_share = stage1_share
         if stage1_epochs is None and patience is None and unfreeze not in (None, "none"):
             raise ValueError(
                 "set callbacks.finetune.stage1_epochs or callbacks.finetune.patience to say when stage 2 starts"
@@ -202,6 +210,21 @@ class TwoStageFinetuning(Callback):
         else:
             self.switch_epoch = None
 
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Under ``trainer.max_time``: stage 2 from the next epoch once ``stage1_share`` of it is spent (runs
+        before the feature cache's epoch end, which serves stage 2's inputs from the next epoch)."""
+        spent = budget_spent(trainer)
+        if spent is None or self.stage1_share is None or not self.unfreezes:
+            return
+        if self.stage_at(trainer.current_epoch + 1) == 1 and spent >= self.stage1_share:
+            self.switch_epoch = trainer.current_epoch + 1
+            log.info(
+                "stage 1 ends after epoch %d: %.0f%% of trainer.max_time spent (callbacks.finetune.stage1_share=%s)",
+                trainer.current_epoch,
+                100 * spent,
+                self.stage1_share,
+            )
+
     # ---- checkpoint -------------------------------------------------------------------------
     def on_load_checkpoint(
         self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
@@ -223,6 +246,18 @@ class TwoStageFinetuning(Callback):
         self.switch_epoch = state_dict.get("switch_epoch", self.switch_epoch)
         self._best = state_dict.get("best")
         self._bad_epochs = state_dict.get("bad_epochs", 0)
+
+
+def budget_spent(trainer: L.Trainer) -> float | None:
+    """The share of ``trainer.max_time`` that training has used (Lightning's ``Timer``), or None without one."""
+    from lightning.pytorch.callbacks import Timer
+
+    timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+    remaining = timer.time_remaining("train") if timer is not None else None
+    if timer is None or remaining is None:
+        return None
+    elapsed = timer.time_elapsed("train")
+    return elapsed / max(1e-9, elapsed + remaining)
 
 
 def start_stage2_schedules(trainer: L.Trainer) -> None:

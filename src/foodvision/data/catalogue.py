@@ -19,6 +19,7 @@ from typing import TypeVar
 from PIL import Image
 from tqdm import tqdm
 
+from foodvision.atomic import atomic_open, ensure_dir
 from foodvision.data.images import is_image_file
 from foodvision.data.sources import DataLayoutError, class_folder_files, find_split_folder, read_food101_lists
 from foodvision.data.splits import SPLITS
@@ -163,8 +164,8 @@ def build_catalogue(root: str | Path, workers: int = 1) -> tuple[str, list[Catal
 
 def write_catalogue(path: str | Path, rows: Iterable[CatalogueRow]) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as handle:
+    ensure_dir(path.parent)
+    with atomic_open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(CSV_HEADER)
         writer.writerows(row.csv_row() for row in rows)

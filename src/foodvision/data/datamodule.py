@@ -12,12 +12,23 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset
 
+from foodvision.atomic import ensure_dir, write_text
 from foodvision.data.balance import balance_samples, check_balance_mode, class_counts
 from foodvision.data.cached import CachedInputs
 from foodvision.data.datasets import ImageListDataset, collate_skipping_none, read_bad_images_log
-from foodvision.data.sampling import EpochShuffleSampler
+from foodvision.data.duplicates import (
+    DUPLICATES_FILE,
+    EXCLUDED_FILE,
+    DuplicateCheck,
+    apply_duplicates_policy,
+    check_duplicates_mode,
+    exclude_label_issues,
+)
+from foodvision.data.mixing import mixes_images
+from foodvision.data.sampling import EpochShuffleSampler, iterator_seed_generator
 from foodvision.data.sources import DataLayoutError, DatasetSplits, discover_food101, discover_image_folder
 from foodvision.data.splits import SPLITS, write_split_file
+from foodvision.data.store import QuasiRandomSampler
 from foodvision.data.transforms import Preprocessing, build_train_transform
 from foodvision.data.verify import BadImagesError, describe_bad_images, find_bad_images
 from foodvision.hardware import cpu_cores
@@ -61,7 +72,8 @@ class FoodDataModule(L.LightningDataModule):
         source: str = "food101",
         root: str | None = None,
         fractions: Sequence[float] = (0.7, 0.15, 0.15),
-        val_fraction: float = 0.1,
+        val_fraction: float | None = 0.1,
+        carve_val_fraction: float | None = None,
         classes: Sequence[str] | None = None,
         max_per_class: Mapping[str, int | None] | None = None,
         seed: int = 42,
@@ -77,6 +89,9 @@ class FoodDataModule(L.LightningDataModule):
         augment: Mapping[str, Any] | None = None,
         output_dir: str | None = None,
         cache_dir: str | None = None,
+        group_duplicates: bool = True,
+        duplicates: str = "warn",
+        exclude_label_issues: str | None = None,
     ):
         super().__init__()
         if source not in ("food101", "imagefolder"):
@@ -85,6 +100,7 @@ class FoodDataModule(L.LightningDataModule):
         self.root = root
         self.fractions = tuple(fractions)
         self.val_fraction = val_fraction
+        self.carve_val_fraction = carve_val_fraction
         self.classes_subset = list(classes) if classes else None
         self.max_per_class = dict(max_per_class or {})
         self.seed = seed
@@ -100,17 +116,26 @@ class FoodDataModule(L.LightningDataModule):
         self.augment = dict(augment or {"name": "none"})
         self.output_dir = Path(output_dir) if output_dir else None
         self.cache_dir = Path(cache_dir) if cache_dir else None
+        # Exact duplicates (foodvision.data.duplicates): kept in one split when foodvision splits; checked
+        # across the splits in verify_images; the flagged label errors of an audit.json left out of train.
+        self.group_duplicates = bool(group_duplicates)
+        self.duplicates = check_duplicates_mode(duplicates)
+        self.exclude_label_issues = exclude_label_issues
+        self.duplicate_check = DuplicateCheck()
+        self.excluded_label_issues: list[dict[str, Any]] = []
         self.skipped: dict[str, str] = {}  # bad files left out by verify_images (path -> reason)
         self._verified = False
         self.preprocessing: Preprocessing | None = None
         self.data: DatasetSplits | None = None
+        self._split_record: dict[str, list[tuple[str, int]]] = {}  # what splits.csv records
         self.datasets: dict[str, Dataset] = {}
         # Split name -> cached backbone outputs that replace its images (see use_cached).
         self._cached: dict[str, CachedInputs] = {}
 
     # ---- discovery -------------------------------------------------------------------------
-    def discover(self) -> DatasetSplits:
-        """List classes and split files; writes ``splits.csv`` to the run dir when splits were generated."""
+    def discover(self, save_splits: bool = True) -> DatasetSplits:
+        """List classes and split files; writes ``splits.csv`` to the run dir (``save_splits=False``: not
+        yet, :meth:`save_splits` does it: train.py writes nothing into a resumed run before accepting it)."""
         if self.data is not None:
             return self.data
         if self.root is None:
@@ -119,20 +144,53 @@ class FoodDataModule(L.LightningDataModule):
         if self.source == "food101":
             if self.download and not (root / "meta" / "classes.txt").is_file():
                 root = download_food101(root)
+            val_fraction = 0.1 if self.val_fraction is None else self.val_fraction
             self.data = discover_food101(
-                root, self.val_fraction, self.seed, self.classes_subset, self.max_per_class
+                root,
+                val_fraction,
+                self.seed,
+                self.classes_subset,
+                self.max_per_class,
+                group_of=self._group_of,
             )
-        else:
-            self.data = discover_image_folder(root, self.fractions, self.seed)
+        else:  # carve_val_fraction null: the val share of `fractions` (see conf/data/imagefolder.yaml)
+            self.data = discover_image_folder(
+                root, self.fractions, self.seed, self.carve_val_fraction, group_of=self._group_of
+            )
         log.info("data: %s; %d classes; %s", self.data.origin, len(self.data.classes), self.data.counts())
-        if self.output_dir is not None and rank_zero_only.rank == 0:
-            write_split_file(self.output_dir / "splits.csv", self.data.splits, self.data.classes)
+        self._split_record = {split: list(samples) for split, samples in self.data.splits.items()}
+        if save_splits:
+            self.save_splits()
+        if self.exclude_label_issues:  # train only, after splits.csv (which records the split itself)
+            written = save_splits and self.output_dir is not None and rank_zero_only.rank == 0
+            out = self.output_dir / EXCLUDED_FILE if written else None
+            self.data.splits["train"], self.excluded_label_issues = exclude_label_issues(
+                self.data.splits["train"], self.exclude_label_issues, out, self.data.classes
+            )
         if self.balance != "none":  # train only, after splits.csv (which records the split itself)
             before = class_counts(self.data.splits["train"], len(self.data.classes))
             self.data.splits["train"] = balance_samples(self.data.splits["train"], self.balance, self.seed)
             after = class_counts(self.data.splits["train"], len(self.data.classes))
             log.info("data.balance=%s: train class counts %s -> %s", self.balance, before, after)
         return self.data
+
+    def save_splits(self) -> Path | None:
+        """Write ``splits.csv`` (``split,class,path``: the splits as discovered, before ``balance``) to the
+        run dir, on rank zero; the path, or None when nothing was written."""
+        if self.output_dir is None or rank_zero_only.rank != 0:
+            return None
+        data = self.discover(save_splits=False)
+        return write_split_file(self.output_dir / "splits.csv", self._split_record, data.classes)
+
+    def _group_of(self, files: list[str]) -> dict[str, str] | None:
+        """Content digests of the files a split is carved from (cached per file): identical files stay in
+        one split (``data.group_duplicates``)."""
+        if not self.group_duplicates:
+            return None
+        from foodvision.data.fingerprints import content_digests
+
+        cache = self.cache_dir / "fingerprints" if self.cache_dir is not None else None
+        return content_digests(files, cache, progress=rank_zero_only.rank == 0)
 
     @property
     def classes(self) -> list[str]:
@@ -167,12 +225,14 @@ class FoodDataModule(L.LightningDataModule):
         draft = self.preprocessing.resize_size if self.preprocessing is not None else None
         paths = [path for samples in data.splits.values() for path, _ in samples]
         cache = self.cache_dir / "verified" if self.cache_dir is not None else None
-        bad = find_bad_images(paths, draft, cache, progress=progress and rank_zero_only.rank == 0)
+        digests: dict[str, str] = {}
+        shown = progress and rank_zero_only.rank == 0
+        bad = find_bad_images(paths, draft, cache, progress=shown, digests=digests)
         if bad:
             if self.bad_images_log is not None and rank_zero_only.rank == 0:
-                self.bad_images_log.parent.mkdir(parents=True, exist_ok=True)
+                ensure_dir(self.bad_images_log.parent)
                 lines = [f"{path}\t{reason}\n" for path, reason in sorted(bad.items())]
-                self.bad_images_log.write_text("".join(lines))
+                write_text(self.bad_images_log, "".join(lines))
             if not self.skip_bad_images:
                 raise BadImagesError(describe_bad_images(bad, f"data.root={self.root}", self.bad_images_log))
             for split, samples in data.splits.items():
@@ -190,6 +250,11 @@ class FoodDataModule(L.LightningDataModule):
                 len(bad),
                 self.bad_images_log,
             )
+        written = self.output_dir is not None and rank_zero_only.rank == 0
+        report = self.output_dir / DUPLICATES_FILE if written else None
+        self.duplicate_check = apply_duplicates_policy(
+            data.splits, data.classes, digests, self.duplicates, report
+        )
         self.skipped = bad
         self._verified = True
         return bad
@@ -227,7 +292,8 @@ class FoodDataModule(L.LightningDataModule):
 
     @property
     def augmented(self) -> bool:
-        return self.augment.get("name", "none") != "none"
+        """Whether training images differ from the eval transform's (a preset, or MixUp/CutMix of images)."""
+        return self.augment.get("name", "none") != "none" or mixes_images(self.augment)
 
     # ---- loaders ---------------------------------------------------------------------------
     def use_cached(self, split: str, inputs: CachedInputs | None) -> None:
@@ -248,20 +314,30 @@ class FoodDataModule(L.LightningDataModule):
         resumed run sees the batches the uninterrupted run saw; under DDP Lightning's DistributedSampler
         does the same (seeded, ``set_epoch``)."""
         distributed = self.trainer is not None and self.trainer.world_size > 1
-        sampler = EpochShuffleSampler(len(dataset), self.seed) if shuffle and not distributed else None
+        sampler: EpochShuffleSampler | None = None
+        if shuffle and not distributed:
+            # Cached outputs are read from memory-mapped files: in shuffled chunks where they exceed one
+            # window (QuasiRandomSampler), so that a split larger than free memory is no random-read storm.
+            sampler = (
+                QuasiRandomSampler(len(dataset), self.seed, dataset.row_bytes)
+                if isinstance(dataset, CachedInputs)
+                else EpochShuffleSampler(len(dataset), self.seed)
+            )
         options: dict[str, Any] = {
             "batch_size": batch_size or self.batch_size,
             "shuffle": shuffle if sampler is None else None,
             "sampler": sampler,
         }
-        if isinstance(dataset, CachedInputs):  # in memory: no workers needed
-            return DataLoader(dataset, collate_fn=dataset.collate, **options)
+        in_process = {"generator": iterator_seed_generator(self.seed)}  # see iterator_seed_generator
+        if isinstance(dataset, CachedInputs):  # a batch is one sorted read of its rows: no workers needed
+            return DataLoader(dataset, collate_fn=dataset.collate, **options, **in_process)
         if not isinstance(dataset, ImageListDataset):
-            return DataLoader(dataset, **options)
+            return DataLoader(dataset, **options, **in_process)
         workers = self.num_workers
         return DataLoader(
             dataset,
             **options,
+            **(in_process if workers == 0 else {}),
             num_workers=workers,
             persistent_workers=self.persistent_workers and workers > 0,
             pin_memory=self.pin_memory,

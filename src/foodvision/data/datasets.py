@@ -22,7 +22,8 @@ class ImageListDataset(Dataset):
 
     With ``skip_bad_images`` a file that cannot be decoded yields ``None`` (dropped by
     :func:`collate_skipping_none`) and its path is appended to ``bad_images_log``; without it,
-    :class:`BadImageError` names the file. With ``item_seed`` a random transform draws the same result
+    :class:`BadImageError` names the file. A file that changed after the up-front check (deleted, or
+    overwritten with a corrupt file) is such a file too, not a crash. With ``item_seed`` a random transform draws the same result
     for an index every time (seeded from ``item_seed`` and the index), so an augmented view can be cached.
     """
 
@@ -50,10 +51,13 @@ class ImageListDataset(Dataset):
         draft = (self.draft_size, self.draft_size) if self.draft_size else None
         try:
             image = load_rgb(path, draft_size=draft)
-        except BadImageError as error:
+        except Exception as error:  # noqa: BLE001 - whatever the decoder raises makes the file bad, not the run
+            bad = unreadable(path, error)
             if not self.skip_bad_images:
-                raise
-            self._record_bad(error)
+                if bad is error:
+                    raise
+                raise bad from error
+            self._record_bad(bad)
             return None
         if self.item_seed is None:
             return self.transform(image), label
@@ -69,6 +73,15 @@ class ImageListDataset(Dataset):
         with self.bad_images_log.open("a") as handle:  # workers append concurrently
             fcntl.flock(handle, fcntl.LOCK_EX)
             handle.write(f"{error.path}\t{error.reason}\n")
+
+
+def unreadable(path: str, error: Exception) -> BadImageError:
+    """``error`` (from decoding ``path``) as the :class:`BadImageError` that names the file."""
+    if isinstance(error, BadImageError):
+        return error
+    if isinstance(error, FileNotFoundError):
+        return BadImageError(path, "file not found (deleted or moved after the image check?)")
+    return BadImageError(path, f"{type(error).__name__}: {error}")
 
 
 def collate_skipping_none(batch: list[Any]) -> Any:

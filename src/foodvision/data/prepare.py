@@ -17,6 +17,7 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
+from foodvision.atomic import atomic_open, atomic_path, ensure_dir, write_text
 from foodvision.data.catalogue import (
     FOOD101,
     SPLIT_TREE,
@@ -226,28 +227,32 @@ def _resized(image: Image.Image, shorter: int | None) -> Image.Image:
 
 def write_image(assignment: Assignment, options: PrepareOptions) -> str | None:
     """Copy or re-encode one file to ``assignment.dest``; the error message when that fails."""
-    dest = assignment.dest
     try:
-        if _keep_bytes(assignment.info, options):
-            shutil.copy2(assignment.source, dest)
-        elif options.rgb:
-            draft = (options.resize_shorter,) * 2 if options.resize_shorter else None
-            image = _resized(load_rgb(assignment.source, draft_size=draft), options.resize_shorter)
-            image.save(dest, "JPEG", quality=options.jpeg_quality)
-        else:
-            with Image.open(assignment.source) as opened:
-                fmt = opened.format
-                image = ImageOps.exif_transpose(opened)
-                if image.mode == "P":
-                    image = image.convert("RGBA" if "transparency" in image.info else "RGB")
-                image = _resized(image, options.resize_shorter)
-            save_format = "JPEG" if fmt in ("JPEG", "MPO") else (fmt if fmt in KEPT_FORMATS else "PNG")
-            extra = {"quality": options.jpeg_quality} if save_format == "JPEG" else {}
-            image.save(dest, save_format, **extra)
+        with atomic_path(assignment.dest) as dest:  # a killed or failed write never leaves half a photo
+            _write_image(assignment, options, dest)
     except Exception as error:  # reported per file, the run goes on
-        dest.unlink(missing_ok=True)
+        assignment.dest.unlink(missing_ok=True)
         return f"{type(error).__name__}: {error}"
     return None
+
+
+def _write_image(assignment: Assignment, options: PrepareOptions, dest: Path) -> None:
+    if _keep_bytes(assignment.info, options):
+        shutil.copy2(assignment.source, dest)
+    elif options.rgb:
+        draft = (options.resize_shorter,) * 2 if options.resize_shorter else None
+        image = _resized(load_rgb(assignment.source, draft_size=draft), options.resize_shorter)
+        image.save(dest, "JPEG", quality=options.jpeg_quality)
+    else:
+        with Image.open(assignment.source) as opened:
+            fmt = opened.format
+            image = ImageOps.exif_transpose(opened)
+            if image.mode == "P":
+                image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+            image = _resized(image, options.resize_shorter)
+        save_format = "JPEG" if fmt in ("JPEG", "MPO") else (fmt if fmt in KEPT_FORMATS else "PNG")
+        extra = {"quality": options.jpeg_quality} if save_format == "JPEG" else {}
+        image.save(dest, save_format, **extra)
 
 
 def _overlaps(a: Path, b: Path) -> bool:
@@ -341,13 +346,13 @@ def prepare(src: str | Path, dst: str | Path, options: PrepareOptions) -> dict[s
             bad[assignment.source] = f"cannot write {assignment.dest}: {error}"
     written = [a for a, error in zip(assignments, errors, strict=True) if not error]
 
-    dst.mkdir(parents=True, exist_ok=True)
-    with (dst / "splits.csv").open("w", newline="") as handle:
+    ensure_dir(dst)
+    with atomic_open(dst / "splits.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["split", "class", "source", "dest"])
         for a in written:
             writer.writerow([a.split, a.class_name, a.source, a.dest.relative_to(dst).as_posix()])
-    (dst / "bad_files.txt").write_text("".join(f"{path}\t{error}\n" for path, error in sorted(bad.items())))
+    write_text(dst / "bad_files.txt", "".join(f"{path}\t{error}\n" for path, error in sorted(bad.items())))
 
     counts = {s: Counter(a.class_name for a in written if a.split == s) for s in SPLITS}
     _report(src, dst, layout, options, new_classes, counts, bad, ignored, warnings)

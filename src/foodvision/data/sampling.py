@@ -27,3 +27,15 @@ class EpochShuffleSampler(Sampler[int]):
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         return iter(torch.randperm(self.length, generator=generator).tolist())
+
+
+def iterator_seed_generator(seed: int) -> torch.Generator:
+    """A generator for a DataLoader that runs in this process (no workers).
+
+    Every ``iter(loader)`` draws a worker base seed, from torch's global generator unless the loader has its
+    own; without workers that seed is never used, but the draw still moves the global stream. Lightning
+    creates the first epoch's iterator of a fit before ``on_train_epoch_start`` (where ``EpochSeed``
+    reseeds) and later epochs' after it, so the first epoch after a resume drew its dropout masks and
+    cached-view choices one step off the uninterrupted run's. With this generator the global stream is
+    a function of (seed, epoch) again."""
+    return torch.Generator().manual_seed(int(seed))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,6 +14,14 @@ from foodvision.data.splits import SPLITS, Sample, cap_per_class, stratified_spl
 log = logging.getLogger(__name__)
 
 SPLIT_FOLDER_NAMES = {"train": ("train",), "val": ("validation", "val", "valid"), "test": ("test",)}
+# iPhone photos (HEIF/HEIC) are not read by Pillow itself: named in errors with how to convert them.
+HEIF_EXTENSIONS = (".heic", ".heif", ".hif")
+HEIF_HINT = (
+    "foodvision does not read HEIC/HEIF (iPhone) photos: convert them to JPEG, e.g. "
+    "`heif-convert photo.heic photo.jpg` (libheif-examples), `magick mogrify -format jpg *.heic` "
+    "(ImageMagick), `sips -s format jpeg photo.heic --out photo.jpg` (macOS), or set the iPhone's "
+    "Settings > Camera > Formats to Most Compatible"
+)
 
 
 class DataLayoutError(ValueError):
@@ -40,13 +48,23 @@ def class_folder_files(root: str | Path) -> dict[str, list[str]]:
     Non-image files are included; callers filter them with :func:`is_image_file` (and report them).
     """
     files: dict[str, list[str]] = {}
+    hidden = []
     for entry in sorted(os.scandir(root), key=lambda e: e.name):
-        if entry.is_dir() and not entry.name.startswith("."):
+        if entry.is_dir() and entry.name.startswith("."):
+            hidden.append(entry.name)
+        elif entry.is_dir():
             found = []
             for dirpath, dirnames, filenames in os.walk(entry.path):
                 dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
                 found += [os.path.join(dirpath, f) for f in sorted(filenames) if not f.startswith(".")]
             files[entry.name] = found
+    if hidden:  # .git, .cache, ... are no classes; a class named so would vanish without a word
+        log.info(
+            "ignored hidden folder(s) in %s: %s (a name starting with '.' is not a class; rename it to "
+            "train on it)",
+            root,
+            ", ".join(f"{name}/" for name in hidden),
+        )
     return files
 
 
@@ -60,11 +78,20 @@ def _split_images(
     ignored = [f for fs in files_by_class.values() for f in fs if not is_image_file(f)]
     empty = [c for c, fs in images.items() if not fs]
     if empty:
+        heif = [c for c in empty if any(is_heif_file(f) for f in files_by_class[c])]
+        detail = f" ({', '.join(heif)}: HEIC/HEIF photos only; {HEIF_HINT})" if heif else ""
         raise DataLayoutError(
-            f"class folder(s) with no images in {where}: {', '.join(empty)}. "
+            f"class folder(s) with no images in {where}: {', '.join(empty)}{detail}. "
             "Add images to them or remove the folders."
         )
+    heif_files = [f for f in ignored if is_heif_file(f)]
+    if heif_files:
+        log.warning("left out %d HEIC/HEIF photo(s), e.g. %s: %s", len(heif_files), heif_files[0], HEIF_HINT)
     return images, ignored
+
+
+def is_heif_file(path: str | Path) -> bool:
+    return str(path).lower().endswith(HEIF_EXTENSIONS)
 
 
 def check_same_classes(per_split: dict[str, Sequence[str]]) -> list[str]:
@@ -91,11 +118,46 @@ def find_split_folder(root: str | Path, split: str) -> Path | None:
 _find_split_folder = find_split_folder
 
 
-def discover_image_folder(root: str | Path, fractions: Sequence[float], seed: int) -> DatasetSplits:
+def carve_fractions(
+    names: Sequence[str], fractions: Sequence[float], val_fraction: float | None = None
+) -> list[float]:
+    """The shares of the splits ``names`` carved from one pool of photos: ``fractions`` (train, val, test)
+    renormalised to those splits; with ``val_fraction``, val takes that share of the pool and the others
+    divide the rest in their ``fractions`` proportions."""
+    wanted = [float(fractions[SPLITS.index(n)]) for n in names]
+    if val_fraction is None or "val" not in names:
+        return [w / sum(wanted) for w in wanted]
+    others = sum(w for n, w in zip(names, wanted, strict=True) if n != "val")
+    return [
+        float(val_fraction) if n == "val" else (1 - float(val_fraction)) * w / others
+        for n, w in zip(names, wanted, strict=True)
+    ]
+
+
+# Files -> their group keys (content digests: foodvision.data.fingerprints.content_digests): the splits
+# foodvision carves keep each group of identical files in one split.
+GroupKeys = Callable[[list[str]], Mapping[str, str]]
+
+
+def _groups(
+    group_of: GroupKeys | None, files_by_class: Mapping[str, Sequence[str]]
+) -> Mapping[str, str] | None:
+    return None if group_of is None else group_of([f for files in files_by_class.values() for f in files])
+
+
+def discover_image_folder(
+    root: str | Path,
+    fractions: Sequence[float],
+    seed: int,
+    val_fraction: float | None = None,
+    group_of: GroupKeys | None = None,
+) -> DatasetSplits:
     """A ``train/ validation/ test/`` class-per-folder tree, or a train-only or flat tree to split.
 
     Splits that are missing are carved out of ``train`` (or the flat root) by a stratified,
-    seeded split with ``fractions`` (train, val, test).
+    seeded split with ``fractions`` (train, val, test). ``val_fraction`` (``data.val_fraction``), when set,
+    is the share of that pool that goes to a carved val split; a tree with its own val folder keeps it
+    (and a warning says ``val_fraction`` is ignored).
     """
     root = Path(root).expanduser()
     if not root.is_dir():
@@ -112,10 +174,11 @@ def discover_image_folder(root: str | Path, fractions: Sequence[float], seed: in
         images, ignored = _split_images(_class_folders(root), root)
         if not images:
             raise DataLayoutError(f"{root} has no class sub-folders with images")
-        by_split = stratified_split(images, fractions, seed)
+        shares = list(fractions) if val_fraction is None else carve_fractions(SPLITS, fractions, val_fraction)
+        by_split = stratified_split(images, shares, seed, groups=_groups(group_of, images))
         classes = sorted(images)
         generated = list(SPLITS)
-        origin = f"flat class-per-folder tree {root}, split {list(fractions)} (seed {seed})"
+        origin = f"flat class-per-folder tree {root}, split {[round(f, 4) for f in shares]} (seed {seed})"
     else:
         per_split: dict[str, dict[str, list[str]]] = {}
         for split, folder in folders.items():
@@ -125,11 +188,20 @@ def discover_image_folder(root: str | Path, fractions: Sequence[float], seed: in
         classes = check_same_classes({s: list(v) for s, v in per_split.items()})
         generated = [s for s in SPLITS if s not in per_split]
         by_split = dict(per_split)
+        if val_fraction is not None and folders["val"] is not None:
+            log.warning(
+                "data.val_fraction=%s is ignored: %s has its own validation split (%s/)",
+                val_fraction,
+                root,
+                folders["val"].name,
+            )
         if generated:
             # Carve the missing splits out of train with the same proportions the defaults give them.
             names = ["train", *generated]
-            wanted = [fractions[SPLITS.index(n)] for n in names]
-            carved = stratified_split(per_split["train"], [w / sum(wanted) for w in wanted], seed, names)
+            shares = carve_fractions(names, fractions, val_fraction)
+            carved = stratified_split(
+                per_split["train"], shares, seed, names, groups=_groups(group_of, per_split["train"])
+            )
             by_split.update(carved)
         origin = f"split folders under {root}" + (
             f"; {generated} carved from train (seed {seed})" if generated else ""
@@ -181,13 +253,20 @@ def discover_food101(
     seed: int,
     classes: Sequence[str] | None = None,
     caps: dict[str, int | None] | None = None,
+    group_of: GroupKeys | None = None,
 ) -> DatasetSplits:
     """The official Food-101 layout (``images/``, ``meta/``): official train/test lists, with a
     stratified, seeded validation split carved out of the official train list."""
     root = Path(root).expanduser()
     chosen, lists = read_food101_lists(root, classes)
     caps = caps or {}
-    carved = stratified_split(lists["train"], [1 - val_fraction, val_fraction], seed, ("train", "val"))
+    carved = stratified_split(
+        lists["train"],
+        [1 - val_fraction, val_fraction],
+        seed,
+        ("train", "val"),
+        groups=_groups(group_of, lists["train"]),
+    )
     by_split = {"train": carved["train"], "val": carved["val"], "test": lists["test"]}
     index = {c: i for i, c in enumerate(chosen)}
     splits = {

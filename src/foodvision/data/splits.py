@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import random
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+
+from foodvision.atomic import atomic_open, ensure_dir
 
 SPLITS = ("train", "val", "test")
 Sample = tuple[str, int]  # (path, class index)
@@ -36,20 +39,48 @@ def stratified_split(
     fractions: Sequence[float],
     seed: int,
     names: Sequence[str] = SPLITS,
+    groups: Mapping[str, str] | None = None,
 ) -> dict[str, dict[str, list[str]]]:
     """Split every class separately with its own seeded shuffle.
 
     Paths are sorted before shuffling, so the result depends only on the file names and
     ``seed``, not on the order the file system lists them in.
+
+    ``groups`` (path -> group key, e.g. a content digest): files with the same key land in one split, so a
+    photo and its copies never sit on both sides of a boundary. A group is placed where its first file (in
+    path order) would go, counted in that file's class; its files of other classes follow it. Without
+    groups of two or more files the result is exactly the ungrouped split.
     """
+    followers: dict[str, list[tuple[str, str]]] = {}  # first file of a group -> the group's other files
+    following: set[str] = set()
+    if groups:
+        members: dict[str, list[tuple[str, str]]] = {}
+        for class_name, class_files in files_by_class.items():
+            for file in class_files:
+                members.setdefault(groups.get(file, file), []).append((file, class_name))
+        for group in members.values():
+            if len(group) > 1:
+                group.sort()
+                followers[group[0][0]] = group[1:]
+                following.update(file for file, _ in group[1:])
     result: dict[str, dict[str, list[str]]] = {name: {} for name in names}
+    placed: dict[str, dict[str, list[str]]] = {name: {} for name in names}
     for class_name in sorted(files_by_class):
-        files = sorted(files_by_class[class_name])
+        files = sorted(f for f in files_by_class[class_name] if f not in following)
         random.Random(f"{seed}:{class_name}").shuffle(files)
-        start = 0
-        for name, count in zip(names, split_counts(len(files), fractions), strict=True):
-            result[name][class_name] = sorted(files[start : start + count])
-            start += count
+        weights = [1 + sum(c == class_name for _, c in followers.get(f, ())) for f in files]
+        ends = list(itertools.accumulate(split_counts(sum(weights), fractions)))
+        position, split = 0, 0
+        for file, weight in zip(files, weights, strict=True):
+            while split < len(names) - 1 and position >= ends[split]:
+                split += 1
+            placed[names[split]].setdefault(class_name, []).append(file)
+            for other, other_class in followers.get(file, ()):
+                placed[names[split]].setdefault(other_class, []).append(other)
+            position += weight
+    for name in names:
+        for class_name in sorted(files_by_class):
+            result[name][class_name] = sorted(placed[name].get(class_name, []))
     return result
 
 
@@ -66,8 +97,8 @@ def write_split_file(
 ) -> Path:
     """Write ``split,class,path`` rows so a split can be audited and reproduced."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as handle:
+    ensure_dir(path.parent)
+    with atomic_open(path, "w", newline="") as handle:  # a failed write leaves the previous file
         writer = csv.writer(handle)
         writer.writerow(["split", "class", "path"])
         for split, samples in splits.items():

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from foodvision.errors import ToolError
+
 __all__ = ["PretrainedWeightsError", "load_pretrained_weights"]
 
 log = logging.getLogger("foodvision.weights")
@@ -42,8 +44,9 @@ _FIX_HINT = (
 )
 
 
-class PretrainedWeightsError(RuntimeError):
-    """No usable pretrained weights: the message lists every source tried, why it failed and how to fix."""
+class PretrainedWeightsError(ToolError, RuntimeError):
+    """No usable pretrained weights: the message lists every source tried, why it failed and how to fix.
+    A user error (a wrong path, a foreign file, offline): the tools print it without a traceback."""
 
 
 @dataclass(frozen=True)
@@ -419,12 +422,16 @@ def load_pretrained_weights(
         path = Path(weights_file).expanduser()
         try:
             if not path.is_file():
-                raise FileNotFoundError(f"no such file: {path}")
+                raise FileNotFoundError("no such file" if not path.exists() else "not a file")
             style = _load_file_into(backbone, path)
         except Exception as exc:
+            # one line: torch's unpickling messages span several
+            reason = " ".join(str(exc).split()) or type(exc).__name__
+            if len(reason) > 300:
+                reason = reason[:300] + "..."
             raise PretrainedWeightsError(
-                f"Could not load pretrained weights for {model_name!r} "
-                f"from model.weights_file={weights_file}: {exc}\n{_FIX_HINT}"
+                f"cannot load pretrained weights for {model_name!r} from model.weights_file={weights_file}: "
+                f"{reason}. {_FIX_HINT}"
             ) from exc
         desc = f"weights_file {path} ({style} keys)"
         log.info("loaded %s weights from %s", model_name, desc)

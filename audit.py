@@ -1,0 +1,6 @@
+"""Audit a data set: `python audit.py data=imagefolder data.root=<photos>` (duplicates, label issues, stats)."""
+
+from foodvision.audit.tool import main
+
+if __name__ == "__main__":
+    main()
