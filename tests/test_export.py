@@ -43,7 +43,9 @@ def check_exported(tiny_run: TinyRun, exported: Path, tmp_path: Path) -> None:
 
 def test_torchscript_export_matches_checkpoint(tiny_run: TinyRun, tmp_path: Path) -> None:
     output = tmp_path / "model.pt"
-    result = export(compose_tool("export", f"ckpt_path={tiny_run.checkpoint}", f"output={output}"))
+    result = export(
+        compose_tool("export", f"ckpt_path={tiny_run.checkpoint}", "format=torchscript", f"output={output}")
+    )
     assert result["max_abs_logit_difference"] < 1e-4
     extra = {META_KEY: ""}
     with quiet_jit():
@@ -66,7 +68,7 @@ def test_onnx_export_matches_checkpoint(tiny_run: TinyRun, tmp_path: Path) -> No
 
 def test_default_output_is_in_the_run_dir(tiny_run: TinyRun) -> None:
     result = export(compose_tool("export", f"ckpt_path={tiny_run.checkpoint}", "check=false"))
-    assert Path(result["output"]) == tiny_run.run_dir / "export" / f"{tiny_run.checkpoint.stem}.pt"
+    assert Path(result["output"]) == tiny_run.run_dir / "export" / f"{tiny_run.checkpoint.stem}.onnx"
 
 
 def test_torchscript_without_metadata_and_bad_format(tiny_run: TinyRun, tmp_path: Path) -> None:

@@ -1,10 +1,11 @@
-"""`python export.py ckpt_path=... format=torchscript|onnx|app [output=...]`: a self-contained model file.
+"""`python export.py ckpt_path=... format=onnx|torchscript|app [output=...]`: a self-contained model file.
 
 The exported model maps normalised float32 NCHW images (any batch size) to calibrated logits (the
 checkpoint's temperature, :mod:`foodvision.calibration`, is a division in the graph: any runtime's softmax
 gives calibrated probabilities). Class names, preprocessing and the calibration (its unknown threshold
 too) travel inside the file as JSON (TorchScript: extra file ``foodvision.json``; ONNX: the
-``foodvision.json`` entry of ``metadata_props``), so ``predict.py ckpt_path=model.pt`` needs nothing else.
+``foodvision.json`` entry of ``metadata_props``), so ``predict.py ckpt_path=model.onnx`` needs nothing else (a ``.pt`` also
+``trust_torchscript=true``: TorchScript is a program).
 ONNX export uses the ``onnx`` package (a dependency of foodvision, also listed in its ``[onnx]`` extra).
 ``format=app`` writes a folder instead: a Gradio app around the ONNX file that needs no PyTorch
 (:mod:`foodvision.app_export`).
