@@ -244,7 +244,9 @@ def test_int8_export_agrees_with_float32_and_eval_predict_run_it(tiny_run: TinyR
 
 def test_int8_needs_onnx_format(tiny_run: TinyRun) -> None:
     with pytest.raises(Exception, match="quantize=int8 writes an ONNX model"):
-        export(compose_tool("export", f"ckpt_path={tiny_run.checkpoint}", "format=torchscript", "quantize=int8"))
+        export(
+            compose_tool("export", f"ckpt_path={tiny_run.checkpoint}", "format=torchscript", "quantize=int8")
+        )
 
 
 # ---- time budget ---------------------------------------------------------------------------------------

@@ -103,7 +103,9 @@ def test_torchscript_is_not_loaded_unless_trusted(
 def test_trusted_torchscript_export_still_predicts(tiny_run: TinyRun, tmp_path: Path) -> None:
     """export.py format=torchscript checks its own file; predict.py runs it once told to trust it."""
     output = tmp_path / "model.pt"
-    export(compose_tool("export", f"ckpt_path={tiny_run.checkpoint}", "format=torchscript", f"output={output}"))
+    export(
+        compose_tool("export", f"ckpt_path={tiny_run.checkpoint}", "format=torchscript", f"output={output}")
+    )
     photo = next((tiny_run.data_root / "test" / "donuts").glob("*.jpg"))
     code, rows, _ = predict(
         compose_tool("predict", f"ckpt_path={output}", f"inputs=[{photo}]", "trust_torchscript=true")

@@ -29,7 +29,9 @@ def test_fast_dev_run_timm_backbone(compose_train, image_folder: Path) -> None:
 
 
 def test_csv_logger_records_every_epoch_and_the_final_metrics(compose_train, image_folder: Path) -> None:
-    cfg = compose_train("experiment=scratch_baseline", "logger=csv", "trainer.max_epochs=2", root=image_folder)
+    cfg = compose_train(
+        "experiment=scratch_baseline", "logger=csv", "trainer.max_epochs=2", root=image_folder
+    )
     _, metrics = train(cfg)
     rows = (Path(cfg.paths.output_dir) / "csv" / "metrics.csv").read_text().splitlines()
     header = rows[0].split(",")
