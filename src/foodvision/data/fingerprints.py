@@ -82,7 +82,8 @@ def fingerprint_file(path: str) -> Fingerprint:
     return Fingerprint(digest, phash, width, height, fmt, mode, size)
 
 
-def _stamp(path: str) -> list[int] | None:
+def file_stamp(path: str) -> list[int] | None:
+    """``[size, mtime_ns]``: what a per-file cache (verdicts, fingerprints) keys on; None for a vanished file."""
     try:
         stat = os.stat(path)
     except OSError:
@@ -146,7 +147,7 @@ def _cached_map(
                 continue
             if isinstance(loaded, dict):
                 known.update(loaded)
-    stamps = {path: _stamp(path) for path in paths}
+    stamps = {path: file_stamp(path) for path in paths}
     results: dict[str, Any] = {}
     todo = []
     for path in paths:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from foodvision.atomic import DiskWriteError, fallback_cache_dir, writable_cache_dir, write_text
-from foodvision.data.fingerprints import file_digest
+from foodvision.data.fingerprints import file_digest, file_stamp
 from foodvision.data.images import BadImageError, load_rgb
 from foodvision.data.sources import DataLayoutError
 from foodvision.hardware import cpu_cores
@@ -41,18 +40,10 @@ def image_list_digest(paths: Sequence[str]) -> str:
     photo (skipped with data.skip_bad_images=true, else an error naming it)."""
     digest = hashlib.sha256()
     for path in paths:
-        stamp = _stamp(path)
+        stamp = file_stamp(path)
         described = "missing" if stamp is None else f"{stamp[0]}\0{stamp[1]}"
         digest.update(f"{path}\0{described}\n".encode())
     return digest.hexdigest()
-
-
-def _stamp(path: str) -> list[int] | None:
-    try:
-        stat = os.stat(path)
-    except OSError:
-        return None
-    return [stat.st_size, stat.st_mtime_ns]
 
 
 class _Decode(Dataset):
@@ -108,7 +99,7 @@ def find_bad_images(
         caches = [
             _read_verdicts(folder / cache_name) for folder in (Path(cache_dir), fallback_cache_dir(cache_dir))
         ]
-    stamps = {path: _stamp(path) for path in paths}
+    stamps = {path: file_stamp(path) for path in paths}
     verdicts: dict[str, str] = {}
     found: dict[str, str] = {}  # content digests
     todo = []
