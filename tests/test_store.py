@@ -23,7 +23,14 @@ from foodvision.data import store as store_module
 from foodvision.data.cached import CachedInputs, StoredView
 from foodvision.data.datamodule import FoodDataModule
 from foodvision.data.sampling import EpochShuffleSampler
-from foodvision.data.store import QuasiRandomSampler, StoreError, StoreWriter, open_store, quasi_random_order
+from foodvision.data.store import (
+    QuasiRandomSampler,
+    StoreError,
+    StoreWriter,
+    mixed_row_order,
+    open_store,
+    quasi_random_order,
+)
 from foodvision.models.classifier import POOLED, prefix_entry
 from foodvision.module import LitClassifier
 
@@ -168,6 +175,10 @@ def test_interrupted_and_damaged_entries_are_rebuilt_never_read(
 
     first = _run(image_folder, tmp_path / "1", cache)
     train, val = sorted(first.builds)
+    # The train split's rows are stored in mixed_row_order (chunked reads then mix classes); val's in file order.
+    train_labels = open_store(train).load("labels").tolist()
+    assert train_labels != sorted(train_labels) and len(set(train_labels[:6])) > 1
+    assert open_store(val).load("labels").tolist() == sorted(open_store(val).load("labels").tolist())
     # A SIGKILLed build leaves its temporary folder (of a process that is gone); a finished entry can be
     # truncated later (disk trouble, a partial copy of the cache).
     stale = Path(val).with_name(f".{Path(val).name}.999999999.dead.tmp")
@@ -342,3 +353,17 @@ def test_peak_anonymous_memory_does_not_grow_with_the_number_of_photos(tmp_path:
 
     small, large = pass_over(200), pass_over(2000)
     assert large - small < 40, (small, large)  # the in-memory cache: +118 MB
+
+
+def test_rows_written_in_the_mixed_order_give_chunked_batches_of_every_class() -> None:
+    """Photos are listed class by class; the chunked (quasi-random) training order reads contiguous runs of
+    rows, so the train split's rows are stored in mixed_row_order: every batch then holds every class."""
+    labels = np.repeat(np.arange(10), 338)  # food101-mini's train split, class by class
+    order = quasi_random_order(len(labels), torch.Generator().manual_seed(1), row_bytes=48 * 1024).numpy()
+
+    def classes_per_batch(stored: np.ndarray) -> list[int]:
+        return [len(set(stored[order[i : i + 64]].tolist())) for i in range(0, len(order) - 64, 64)]
+
+    assert np.mean(classes_per_batch(labels)) < 8  # rows in file order: class-correlated batches
+    assert min(classes_per_batch(labels[mixed_row_order(len(labels))])) == 10
+    assert sorted(mixed_row_order(50)) == list(range(50)) and mixed_row_order(50) == mixed_row_order(50)

@@ -272,17 +272,20 @@ class FoodDataModule(L.LightningDataModule):
         augmented: bool = False,
         augment: Mapping[str, Any] | None = None,
         item_seed: int | None = None,
+        order: Sequence[int] | None = None,
     ) -> ImageListDataset:
         """A split's images with the eval transform, or the train transform when ``augmented`` (of
-        ``augment`` when given, else of the datamodule's preset); ``item_seed`` fixes each image's draw."""
+        ``augment`` when given, else of the datamodule's preset); ``item_seed`` fixes each image's draw;
+        ``order``: the split's photos in this order (indices into the split's list)."""
         assert self.preprocessing is not None
         transform = (
             build_train_transform(self.preprocessing, augment or self.augment)
             if augmented
             else self.preprocessing.eval_transform()
         )
+        samples = self.discover().splits[split]
         return ImageListDataset(
-            self.discover().splits[split],
+            samples if order is None else [samples[i] for i in order],
             transform,
             draft_size=self.preprocessing.resize_size,
             skip_bad_images=self.skip_bad_images,

@@ -351,6 +351,14 @@ def _chunking(
     return chunk_rows, max(1, (window_bytes or WINDOW_BYTES) // (chunk_rows * row_bytes))
 
 
+def mixed_row_order(length: int) -> list[int]:
+    """The fixed shuffled order (seed 0) in which a training split's rows are written to a store. Photos
+    are listed class by class, so rows written in that order would give every chunk of
+    :func:`quasi_random_order` a single class, and each window a handful: class-correlated batches (measured
+    on food101-mini's stage 2, 160 MB of maps: val/acc fell from 0.76 to 0.36 in its first epoch)."""
+    return torch.randperm(length, generator=torch.Generator().manual_seed(0)).tolist()
+
+
 def quasi_random_order(
     length: int,
     generator: torch.Generator,
