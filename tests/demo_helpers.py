@@ -117,3 +117,20 @@ def require_browser() -> str:
 
 def python() -> str:
     return sys.executable
+
+
+def app_predictions(app_dir: Path, photos: list[str], blocker: Path) -> list[dict]:
+    """``python app.py --predict PHOTOS`` in an exported app folder, with torch and foodvision unimportable:
+    its JSON lines."""
+    import json
+
+    done = subprocess.run(
+        [python(), "app.py", "--predict", *photos],
+        cwd=app_dir,
+        env=no_torch_env(blocker),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    return [json.loads(line) for line in done.stdout.splitlines()]

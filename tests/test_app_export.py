@@ -15,7 +15,7 @@ from foodvision.export import export
 from foodvision.predict import predict
 
 from .conftest import SHARED_MINI, TinyRun, compose_tool
-from .demo_helpers import free_port, no_torch_env, python, stop, wait_for_url
+from .demo_helpers import app_predictions, free_port, no_torch_env, python, stop, wait_for_url
 
 pytest.importorskip("onnxruntime")
 
@@ -91,16 +91,7 @@ def test_app_predictions_equal_predict_py_without_torch(
     assert code == 1 and [f for f, _ in failed] == [str(text)]
     expected = {r["file"]: {p["class"]: p["probability"] for p in r["predictions"]} for r in rows}
 
-    done = subprocess.run(
-        [python(), "app.py", "--predict", *photos],
-        cwd=app_dir,
-        env=no_torch_env(tmp_path / "blocker"),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr
-    results = [json.loads(line) for line in done.stdout.splitlines()]
+    results = app_predictions(app_dir, photos, tmp_path / "blocker")
     assert [r["file"] for r in results] == photos
     for result in results[:-1]:
         want = expected[result["file"]]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import json
 import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -314,7 +313,7 @@ def test_app_marks_unknown_answers(calibrated_checkpoint: Path, tiny_run: TinyRu
     pytest.importorskip("onnxruntime")
     from foodvision.export import export
 
-    from .demo_helpers import no_torch_env, python
+    from .demo_helpers import app_predictions
 
     app = tmp_path / "app"
     export(
@@ -324,16 +323,7 @@ def test_app_marks_unknown_answers(calibrated_checkpoint: Path, tiny_run: TinyRu
     )
     photos = tiny_test_photos(tiny_run)
     expected = {r["file"]: r["unknown"] for r in predicted_with_unknown(calibrated_checkpoint, photos)}
-    done = subprocess.run(
-        [python(), "app.py", "--predict", *photos],
-        cwd=app,
-        env=no_torch_env(tmp_path / "blocker"),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr
-    results = [json.loads(line) for line in done.stdout.splitlines()]
+    results = app_predictions(app, photos, tmp_path / "blocker")
     assert {r["file"]: r["unknown"] for r in results} == expected
     assert any(expected.values()) and not all(expected.values())
 
