@@ -110,6 +110,20 @@ class TinyRun:
     classes: tuple[str, ...]
 
 
+# The tiny run's model and data settings (other tests train runs of the same size with them).
+TINY_RUN_SETTINGS = (
+    "data=imagefolder",
+    "experiment=scratch_baseline",
+    "model.scratch.widths=[8,16]",
+    "data.image_size=32",
+    "data.batch_size=8",
+    "data.eval_batch_size=32",
+    "data.num_workers=0",
+    "trainer.precision=32-true",
+    "~callbacks.progress_bar",
+    "+trainer.enable_progress_bar=false",
+    "+trainer.enable_model_summary=false",
+)
 TINY_CLASSES = ("apple_pie", "baklava", "bibimbap", "churros", "donuts", "falafel")
 
 
@@ -127,21 +141,11 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> TinyRun:
     overrides = [
         f"paths.root_dir={base}",
         f"paths.output_dir={run_dir}",
-        "data=imagefolder",
+        *TINY_RUN_SETTINGS,
         f"data.root={data_root}",
-        "experiment=scratch_baseline",
-        "model.scratch.widths=[8,16]",
-        "data.image_size=32",
-        "data.batch_size=8",
-        "data.eval_batch_size=32",
-        "data.num_workers=0",
         "trainer.max_epochs=2",
-        "trainer.precision=32-true",
         "trainer.log_every_n_steps=1",
         "optimizer.lr=3e-3",
-        "~callbacks.progress_bar",
-        "+trainer.enable_progress_bar=false",
-        "+trainer.enable_model_summary=false",
     ]
     GlobalHydra.instance().clear()
     try:

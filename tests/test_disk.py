@@ -29,23 +29,11 @@ import torch
 from foodvision.atomic import DiskWriteError, temporary_name, writable_cache_dir, write_text, write_with
 from foodvision.checkpoints import read_checkpoint
 from foodvision.data.verify import find_bad_images
-from tests.conftest import ROOT, TinyRun, compose_tool, make_class_tree
+from tests.conftest import ROOT, TINY_RUN_SETTINGS, TinyRun, compose_tool, make_class_tree
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "PYTHONHASHSEED": "0"}
 ENV.pop("HYDRA_FULL_ERROR", None)
-TRAIN = [  # tiny_run's model and data settings: its checkpoint size predicts this run's
-    "data=imagefolder",
-    "experiment=scratch_baseline",
-    "model.scratch.widths=[8,16]",
-    "data.image_size=32",
-    "data.batch_size=8",
-    "data.eval_batch_size=32",
-    "data.num_workers=0",
-    "trainer.precision=32-true",
-    "~callbacks.progress_bar",
-    "+trainer.enable_progress_bar=false",
-    "+trainer.enable_model_summary=false",
-]
+TRAIN = list(TINY_RUN_SETTINGS)  # tiny_run's settings: its checkpoint size predicts this run's
 
 
 def _can_mount_tmpfs() -> bool:
