@@ -100,7 +100,7 @@ def sync(device: torch.device) -> None:
 def precision_for(device: torch.device) -> str:
     """foodvision's choice: ``bf16`` where the hardware runs it natively, else ``32`` (``--precision 32``:
     ``32``)."""
-    from foodvision.inference import resolve_precision
+    from foodvision.inference.predictor import resolve_precision
 
     return resolve_precision(PRECISION, device)
 
@@ -108,7 +108,7 @@ def precision_for(device: torch.device) -> str:
 def trainer_precision(device: torch.device) -> str:
     if PRECISION == "32":
         return "32-true"
-    from foodvision.train import resolve_precision
+    from foodvision.training.fit import resolve_precision
 
     return str(resolve_precision("auto", "gpu" if device.type == "cuda" else "cpu"))
 
@@ -165,7 +165,7 @@ def preprocessing_for(image_size: int) -> Any:
 
 
 def lit_module(num_classes: int, classes: list[str], image_size: int) -> Any:
-    from foodvision.module import LitClassifier
+    from foodvision.training.module import LitClassifier
 
     model = {"kind": "timm", "name": MODEL_NAME, "pretrained": True, "head": HEAD, "image_size": image_size}
     try:
@@ -416,7 +416,7 @@ class Inference:
             self.images = images.to(self.device)
             self.precision = "32"
         else:
-            from foodvision.engine import OnnxRuntimeModule, resolve_engine
+            from foodvision.inference.engine import OnnxRuntimeModule, resolve_engine
 
             images, _ = load_all(ours_loader(cfg, samples, self.pre, 64))
             self.batch = int(cfg["ours_batch"])
@@ -453,7 +453,7 @@ class Inference:
         return ("32", "torch") if self.precision != "32" else None
 
     def context(self, precision: str | None = None) -> contextlib.ExitStack:
-        from foodvision.inference import autocast
+        from foodvision.inference.predictor import autocast
 
         stack = contextlib.ExitStack()
         if self.side == "baseline":
@@ -507,9 +507,9 @@ class Inference:
         ckpt = self.cfg.get("ckpt")
         if not ckpt:
             return {"skipped": self.cfg.get("ckpt_note") or "no checkpoint"}
-        from foodvision.checkpoints import load_checkpoint_model
-        from foodvision.image_batches import infer_files
-        from foodvision.inference import Predictor
+        from foodvision.inference.batches import infer_files
+        from foodvision.inference.checkpoints import load_checkpoint_model
+        from foodvision.inference.predictor import Predictor
 
         count = int(self.cfg["acc_images"]) or len(self.data.splits["test"])
         samples = pick(self.data.splits["test"], min(count, len(self.data.splits["test"])), seed=1)
@@ -574,7 +574,7 @@ class FrozenEpoch:
             self.optimizer = torch.optim.AdamW(self.model.head.parameters(), lr=1e-3, weight_decay=1e-4)
             self.train_batches(self.loader(), limit=1)  # warm-up
         else:
-            from foodvision.callbacks.finetune import TwoStageFinetuning
+            from foodvision.training.callbacks.finetune import TwoStageFinetuning
 
             self.module = lit_module(num_classes, self.data.classes, int(cfg["image_size"])).to(self.device)
             self.pre = self.module.preprocessing
@@ -595,9 +595,9 @@ class FrozenEpoch:
 
     # ours -------------------------------------------------------------------------------------------------
     def extract(self, samples: list[tuple[str, int]], depth: int | None = None) -> dict[str, Any]:
-        from foodvision.callbacks.feature_cache import extract_features, frozen_forward
-        from foodvision.engine import resolve_engine
-        from foodvision.inference import autocast
+        from foodvision.inference.engine import resolve_engine
+        from foodvision.inference.predictor import autocast
+        from foodvision.training.callbacks.feature_cache import extract_features, frozen_forward
 
         loader = ours_loader(self.cfg, samples, self.pre, int(self.cfg["extract_batch"]))
         precision = precision_for(self.device)
@@ -700,7 +700,7 @@ class Stage2Epoch(FrozenEpoch):
             self.train_batches(self.loader(), limit=1)  # warm-up
             say(cfg, f"baseline: {len(self.samples)} train images of {self.split_size}, batch {self.batch}")
             return
-        from foodvision.callbacks.finetune import TwoStageFinetuning
+        from foodvision.training.callbacks.finetune import TwoStageFinetuning
 
         self.samples = pick(self.data.splits["train"], int(cfg["prefix_images"]))
         warm_page_cache(self.samples)
@@ -767,7 +767,7 @@ class Stage2Epoch(FrozenEpoch):
 
 # ---- 6. predict -----------------------------------------------------------------------------------------
 class Predict:
-    """Model load time, one-photo latency and a folder's throughput: a plain script vs ``foodvision.predict``."""
+    """Model load time, one-photo latency and a folder's throughput: a plain script vs ``foodvision.inference.predict``."""
 
     def __init__(self, side: str, cfg: dict[str, Any]):
         self.cfg, self.side = cfg, side
@@ -810,7 +810,7 @@ class Predict:
                 ]
             )
         else:
-            from foodvision.inference import Predictor
+            from foodvision.inference.predictor import Predictor
 
             self.predictor = Predictor(self.ckpt, device=str(self.device), precision=PRECISION)
         sync(self.device)
@@ -823,7 +823,7 @@ class Predict:
         return logits.softmax(1).cpu()
 
     def latency(self, photos: list[str]) -> list[float]:
-        from foodvision.image_batches import infer_files
+        from foodvision.inference.batches import infer_files
 
         seconds = []
         for photo in photos:
@@ -843,8 +843,8 @@ class Predict:
                 self.predict_plain(path)
             count = len(files)
         else:
-            from foodvision.image_batches import infer_files
-            from foodvision.predict import collect_inputs, top_k_rows
+            from foodvision.inference.batches import infer_files
+            from foodvision.inference.predict import collect_inputs, top_k_rows
 
             found = collect_inputs([str(self.folder)])
             batch, workers = int(self.cfg["predict_batch"]) or None, int(self.cfg["predict_workers"])
@@ -1444,11 +1444,11 @@ class Int8:
     def __init__(self, side: str, cfg: dict[str, Any]):
         import onnxruntime as ort
 
-        from foodvision.checkpoints import load_checkpoint_model
         from foodvision.data.datasets import ImageListDataset
-        from foodvision.engine import session_options
-        from foodvision.export import export_onnx
-        from foodvision.quantize import calibration_reader, quantize_onnx
+        from foodvision.inference.checkpoints import load_checkpoint_model
+        from foodvision.inference.engine import session_options
+        from foodvision.inference.export import export_onnx
+        from foodvision.inference.quantize import calibration_reader, quantize_onnx
 
         self.cfg, self.side = cfg, side
         ckpt = cfg.get("ckpt")

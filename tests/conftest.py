@@ -130,8 +130,8 @@ TINY_CLASSES = ("apple_pie", "baklava", "bibimbap", "churros", "donuts", "falafe
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> TinyRun:
     """One tiny scratch CNN trained once per session (6 classes, 32 px, 2 epochs, float32) through
-    `foodvision.train.train`, for the evaluate/predict/compare/export tests. Treat it as read-only."""
-    from foodvision.train import train
+    `foodvision.training.fit.train`, for the evaluate/predict/compare/export tests. Treat it as read-only."""
+    from foodvision.training.fit import train
 
     base = tmp_path_factory.mktemp("tiny_run")
     data_root = base / "food6"

@@ -7,7 +7,7 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
-from foodvision.callbacks.feature_cache import in_prefix, state_digest
+from foodvision.training.callbacks.feature_cache import in_prefix, state_digest
 
 
 class RankConsistencyProbe(Callback):

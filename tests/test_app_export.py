@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from foodvision.cli import run_tool
-from foodvision.export import export
-from foodvision.predict import predict
+from foodvision.inference.export import export
+from foodvision.inference.predict import predict
 
 from .conftest import SHARED_MINI, TinyRun, compose_tool
 from .demo_helpers import app_predictions, free_port, no_torch_env, python, stop, wait_for_url

@@ -14,7 +14,7 @@ from PIL import Image
 from foodvision.audit.tool import run_audit
 from foodvision.data.datamodule import FoodDataModule
 from foodvision.data.sources import DataLayoutError
-from foodvision.train import train
+from foodvision.training.fit import train
 
 from .conftest import SHARED_MINI, compose_tool, make_class_tree
 

@@ -14,8 +14,8 @@ from omegaconf import OmegaConf
 from foodvision.data.balance import balance_samples, inverse_frequency_weights, resolve_class_weights
 from foodvision.data.datamodule import FoodDataModule
 from foodvision.data.transforms import Preprocessing
-from foodvision.module import LitClassifier
-from foodvision.train import build_module, train
+from foodvision.training.fit import build_module, train
+from foodvision.training.module import LitClassifier
 
 from .conftest import make_class_tree
 

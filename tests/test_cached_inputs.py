@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from foodvision.evaluate import evaluate
-from foodvision.train import train
+from foodvision.evaluation.evaluate import evaluate
+from foodvision.training.fit import train
 
 from .conftest import compose_tool
 

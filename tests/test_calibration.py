@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from foodvision.calibration import (
+from foodvision.inference.calibration import (
     SCORES,
     Calibration,
     auroc,
@@ -26,9 +26,9 @@ from foodvision.calibration import (
     reliability_bins,
     threshold_keeping,
 )
-from foodvision.checkpoints import CHECKPOINT_KEY, read_checkpoint, save_calibration
-from foodvision.inference import Predictor
-from foodvision.predict import predict
+from foodvision.inference.checkpoints import CHECKPOINT_KEY, read_checkpoint, save_calibration
+from foodvision.inference.predict import predict
+from foodvision.inference.predictor import Predictor
 
 from .conftest import TinyRun, compose_tool
 
@@ -124,7 +124,7 @@ def tiny_test_photos(tiny_run: TinyRun) -> list[str]:
 def calibrated_checkpoint(tiny_run: TinyRun, tmp_path: Path) -> Path:
     """A copy of the tiny run's checkpoint with a temperature far from 1 and an unknown threshold halfway
     down its test photos' top probabilities (between two of them: no photo sits on it)."""
-    from foodvision.image_batches import infer_files
+    from foodvision.inference.batches import infer_files
 
     path = tmp_path / "checkpoints" / "calibrated.ckpt"
     path.parent.mkdir(parents=True)
@@ -174,8 +174,8 @@ def test_exports_carry_the_calibrated_probabilities(calibrated_checkpoint: Path,
     """Checkpoint, ONNX, TorchScript and the app folder: the same calibrated probabilities (to 1e-4), and
     the graph divides by the temperature (so no runtime divides twice)."""
     pytest.importorskip("onnxruntime")
-    from foodvision import app_template
-    from foodvision.export import export
+    from foodvision.app import template as app_template
+    from foodvision.inference.export import export
 
     images = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     want = Predictor(calibrated_checkpoint, precision="32").logits(images).softmax(dim=1)
@@ -209,7 +209,7 @@ def test_exports_carry_the_calibrated_probabilities(calibrated_checkpoint: Path,
 def test_eval_calibrate_fits_on_val_and_saves_it(tiny_run: TinyRun, tmp_path: Path) -> None:
     """`eval.py calibrate=true` on a checkpoint without calibration: fitted on the val split, saved in the
     checkpoint, used for the test metrics; the test metrics get ECE before/after and Brier."""
-    from foodvision.evaluate import evaluate
+    from foodvision.evaluation.evaluate import evaluate
 
     path = tmp_path / "checkpoints" / "model.ckpt"
     path.parent.mkdir(parents=True)
@@ -276,7 +276,7 @@ def test_serve_answers_not_sure_through_gradio_client(calibrated_checkpoint: Pat
     """The demo's API: a photo below the threshold is answered "not sure" with its top guesses; one above
     it with its class."""
     gradio_client = pytest.importorskip("gradio_client")
-    from foodvision.serve import serve
+    from foodvision.app.demo import serve
 
     from .demo_helpers import free_port
 
@@ -311,7 +311,7 @@ def test_serve_answers_not_sure_through_gradio_client(calibrated_checkpoint: Pat
 def test_app_marks_unknown_answers(calibrated_checkpoint: Path, tiny_run: TinyRun, tmp_path: Path) -> None:
     """`app.py --predict` (no PyTorch): the same unknown flags as predict.py, and the page's facts say so."""
     pytest.importorskip("onnxruntime")
-    from foodvision.export import export
+    from foodvision.inference.export import export
 
     from .demo_helpers import app_predictions
 
@@ -333,7 +333,7 @@ def test_eval_reports_intervals_reliability_and_outside_separation(tiny_run: Tin
     share rejected in metrics.json; report.html shows them ("87.6 % (85.8-89.4)") and the reliability diagram."""
     import base64
 
-    from foodvision.evaluate import evaluate
+    from foodvision.evaluation.evaluate import evaluate
 
     from .conftest import make_image
 

@@ -12,7 +12,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from foodvision.evaluate import evaluate
+from foodvision.evaluation.evaluate import evaluate
 
 from .conftest import CONFIG_DIR, ROOT, compose_tool
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from foodvision.compare import compare, count_parameters, find_runs
 from foodvision.models.classifier import build_classifier
+from foodvision.runs.compare import compare, count_parameters, find_runs
 
 from .conftest import TinyRun, compose_tool
 

@@ -15,7 +15,7 @@ from foodvision.data.images import BadImageError, load_rgb
 from foodvision.data.sources import DataLayoutError, discover_food101, discover_image_folder
 from foodvision.data.transforms import Preprocessing, build_train_transform
 from foodvision.data.verify import BadImagesError
-from foodvision.train import train
+from foodvision.training.fit import train
 
 from .conftest import SHARED_MINI, make_class_tree
 

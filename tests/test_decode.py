@@ -13,7 +13,7 @@ from PIL import Image
 from foodvision.data.datasets import ImageListDataset
 from foodvision.data.images import load_rgb
 from foodvision.data.transforms import Preprocessing
-from foodvision.image_batches import ImageFiles
+from foodvision.inference.batches import ImageFiles
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def test_every_decode_path_uses_the_reduced_decode(
 ) -> None:
     """Training and extraction (ImageListDataset), eval and predict (ImageFiles) and the demo and exported
     app (app_template) all decode the PNG reduced: Image.reduce is called, by the working size's factor."""
-    from foodvision import app_template
+    from foodvision.app import template as app_template
 
     factors: list[int] = []
     real = Image.Image.reduce

@@ -27,8 +27,8 @@ import pytest
 import torch
 
 from foodvision.atomic import DiskWriteError, temporary_name, writable_cache_dir, write_text, write_with
-from foodvision.checkpoints import read_checkpoint
 from foodvision.data.verify import find_bad_images
+from foodvision.inference.checkpoints import read_checkpoint
 from tests.conftest import ROOT, TINY_RUN_SETTINGS, TinyRun, compose_tool, make_class_tree
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "PYTHONHASHSEED": "0"}
@@ -99,7 +99,7 @@ def test_temporary_names_differ_between_processes_and_calls(tmp_path: Path) -> N
 def test_two_evaluations_into_one_dir_both_finish(tiny_run: TinyRun, tmp_path: Path, monkeypatch) -> None:
     """A second eval into the same dir while the first streams its predictions (two `eval.py` in one
     second): both used to write `predictions.csv.partial`, and the first died renaming it."""
-    import foodvision.evaluate as evaluate_module
+    import foodvision.evaluation.evaluate as evaluate_module
 
     out = tmp_path / "eval"
     real_stream = evaluate_module.stream_files
@@ -133,7 +133,7 @@ def test_onnx_export_on_a_full_disk_leaves_no_file_without_metadata(
 ) -> None:
     import onnx
 
-    from foodvision.export import export
+    from foodvision.inference.export import export
 
     output = tmp_path / "export" / "last.onnx"
 
@@ -152,7 +152,7 @@ def test_a_checkpoint_that_cannot_be_written_keeps_the_previous_one(
     compose_train, image_folder, monkeypatch
 ) -> None:
     """The disk fills up at epoch 1's save: last.ckpt stays epoch 0's, whole; the error names the file."""
-    from foodvision.train import train
+    from foodvision.training.fit import train
 
     real_save = torch.save
     saves = []

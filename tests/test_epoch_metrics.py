@@ -9,7 +9,7 @@ import pytest
 import torch
 from torchmetrics.classification import MulticlassF1Score, MulticlassPrecision, MulticlassRecall
 
-from foodvision.module import per_class_from_confusion
+from foodvision.training.module import per_class_from_confusion
 
 
 def test_per_class_table_from_the_confusion_matrix_equals_torchmetrics() -> None:
@@ -39,7 +39,7 @@ def test_the_confusion_matrix_is_computed_only_for_tensorboard(tmp_path: Path, t
 
     from foodvision.data.cached import CachedInputs
     from foodvision.models.classifier import POOLED
-    from foodvision.module import LitClassifier
+    from foodvision.training.module import LitClassifier
 
     features, labels = torch.randn(48, 1280), torch.arange(48) % 3
     data = CachedInputs(POOLED, [TensorDataset(features, labels)])

@@ -14,12 +14,12 @@ import lightning as L
 import pytest
 import torch
 
-from foodvision.config_check import ConfigError
+from foodvision.config.check import ConfigError
 from foodvision.data.datamodule import FoodDataModule
 from foodvision.data.images import BadImageError
 from foodvision.data.sources import DataLayoutError, discover_image_folder
 from foodvision.errors import ToolError
-from foodvision.train import train
+from foodvision.training.fit import train
 
 from .conftest import make_class_tree
 from .test_faults import QUIET, SMALL, run_cli

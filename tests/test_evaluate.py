@@ -15,8 +15,8 @@ from torch import nn
 
 from foodvision.cli import run_tool
 from foodvision.errors import ClassMismatchError, ModelLoadError, ToolError
-from foodvision.evaluate import classification_metrics, evaluate
-from foodvision.inference import Predictor
+from foodvision.evaluation.evaluate import classification_metrics, evaluate
+from foodvision.inference.predictor import Predictor
 
 from .conftest import TinyRun, compose_tool, make_class_tree
 
@@ -29,7 +29,7 @@ ARTIFACTS = (
     "most_confident_wrong.png",
     "curves.png",
     "predictions.csv",
-    "reliability.png",  # the calibration's reliability diagram (foodvision.trust)
+    "reliability.png",  # the calibration's reliability diagram (foodvision.evaluation.trust)
     "report.html",
 )
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from foodvision.train import train
+from foodvision.training.fit import train
 
 from .conftest import CONFIG_DIR, make_image
 
@@ -179,7 +179,7 @@ def test_model_holds_the_network_and_the_default_run_is_the_mobilenetv2_ft_recip
 def test_a_scratch_network_under_a_finetuning_recipe_is_refused_with_the_fix(
     compose_train, image_folder: Path
 ) -> None:
-    from foodvision.config_check import ConfigError
+    from foodvision.config.check import ConfigError
 
     cfg = compose_train("model=scratch_baseline", root=image_folder)
     with pytest.raises(ConfigError, match=r"experiment=scratch_baseline.*callbacks\.finetune=null"):

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from foodvision.checkpoints import META_KEY, load_checkpoint_model, quiet_jit
 from foodvision.errors import ModelLoadError
-from foodvision.export import export
-from foodvision.inference import Predictor
-from foodvision.predict import predict
+from foodvision.inference.checkpoints import META_KEY, load_checkpoint_model, quiet_jit
+from foodvision.inference.export import export
+from foodvision.inference.predict import predict
+from foodvision.inference.predictor import Predictor
 
 from .conftest import TinyRun, compose_tool
 

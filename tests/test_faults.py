@@ -17,12 +17,12 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from foodvision.checkpoints import read_checkpoint
-from foodvision.config_check import ConfigError
+from foodvision.config.check import ConfigError
 from foodvision.data.images import BadImageError, load_rgb
 from foodvision.data.verify import BadImagesError, find_bad_images
 from foodvision.errors import ModelLoadError
-from foodvision.train import train
+from foodvision.inference.checkpoints import read_checkpoint
+from foodvision.training.fit import train
 
 from .conftest import ROOT, make_class_tree
 
@@ -513,9 +513,7 @@ def test_unique_run_dir_is_an_exclusive_create_per_process(tmp_path: Path) -> No
     """Two processes asking for the same run-dir name get two dirs; one process asking twice (Hydra
     resolves hydra.run.dir more than once) gets the same one."""
     base = str(tmp_path / "runs" / "2026-01-01_00-00-00_mobilenetv2")
-    code = (
-        f"from foodvision.resume import unique_run_dir as u; print(u({base!r}), u({base!r}) == u({base!r}))"
-    )
+    code = f"from foodvision.training.resume import unique_run_dir as u; print(u({base!r}), u({base!r}) == u({base!r}))"
     answers = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split() for _ in range(2)]  # fmt: skip
     assert [a[0] for a in answers] == [base, f"{base}-2"] and all(a[1] == "True" for a in answers)
     assert all(Path(a[0]).is_dir() for a in answers)

@@ -12,16 +12,16 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch.utils.data import TensorDataset
 
-from foodvision.callbacks.feature_cache import (
+from foodvision.data.cached import CachedInputs
+from foodvision.data.datamodule import FoodDataModule
+from foodvision.models.classifier import POOLED, prefix_entry
+from foodvision.training.callbacks.feature_cache import (
     FeatureCache,
     extract_features,
     frozen_forward,
 )
-from foodvision.callbacks.finetune import TwoStageFinetuning, select_groups
-from foodvision.data.cached import CachedInputs
-from foodvision.data.datamodule import FoodDataModule
-from foodvision.models.classifier import POOLED, prefix_entry
-from foodvision.module import LitClassifier
+from foodvision.training.callbacks.finetune import TwoStageFinetuning, select_groups
+from foodvision.training.module import LitClassifier
 
 MODEL = {
     "kind": "timm",

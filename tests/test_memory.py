@@ -15,14 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from foodvision import engine
-from foodvision.callbacks.feature_cache import COMPACT_MAPS_DTYPE, extract_features
 from foodvision.data.cached import CachedInputs
 from foodvision.errors import ToolError
-from foodvision.evaluate import classification_metrics, confusion_matrix, evaluate
-from foodvision.image_batches import infer_files
-from foodvision.inference import Predictor
-from foodvision.predict import PredictionWriter, collect_inputs, predict, write_output
+from foodvision.evaluation.evaluate import classification_metrics, confusion_matrix, evaluate
+from foodvision.inference.batches import infer_files
+from foodvision.inference.predict import PredictionWriter, collect_inputs, predict, write_output
+from foodvision.inference import engine
+from foodvision.inference.predictor import Predictor
+from foodvision.training.callbacks.feature_cache import COMPACT_MAPS_DTYPE, extract_features
 
 from .conftest import TinyRun, compose_tool
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from foodvision.engine import OnnxRuntimeModule
+from foodvision.inference.engine import OnnxRuntimeModule
 from foodvision.models.classifier import build_classifier
 
 

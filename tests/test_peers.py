@@ -11,16 +11,16 @@ import numpy as np
 import pytest
 import torch
 
-from foodvision.checkpoints import META_KEY, load_checkpoint_model
-from foodvision.config_check import ConfigError
+from foodvision.config.check import ConfigError
 from foodvision.data.datamodule import FoodDataModule
 from foodvision.data.mixing import BatchMixer
-from foodvision.evaluate import evaluate
-from foodvision.export import export
-from foodvision.inference import Predictor
-from foodvision.predict import predict
-from foodvision.train import train
-from foodvision.tuning import LIGHTNING_LOSS_BETA, raw_losses, suggest_lr
+from foodvision.evaluation.evaluate import evaluate
+from foodvision.inference.checkpoints import META_KEY, load_checkpoint_model
+from foodvision.inference.export import export
+from foodvision.inference.predict import predict
+from foodvision.inference.predictor import Predictor
+from foodvision.training.fit import train
+from foodvision.training.tuning import LIGHTNING_LOSS_BETA, raw_losses, suggest_lr
 
 from .conftest import TinyRun, compose_tool
 
@@ -269,7 +269,7 @@ def test_max_time_reaches_stage2_and_stops_cleanly(image_folder: Path, compose_t
 
 
 def test_bad_values_name_their_key(compose_train) -> None:
-    from foodvision.config_check import check_train_config
+    from foodvision.config.check import check_train_config
 
     cfg = compose_train("augment.mixup=-1", "callbacks.finetune.stage1_share=1.5", "callbacks.ema.decay=1")
     with pytest.raises(ConfigError) as error:

@@ -13,9 +13,15 @@ import pytest
 import torch
 from PIL import Image
 
-from foodvision.evaluate import evaluate
-from foodvision.inference import Predictor
-from foodvision.predict import EXIT_NOTHING_PREDICTED, EXIT_SOME_FAILED, collect_inputs, predict, run
+from foodvision.evaluation.evaluate import evaluate
+from foodvision.inference.predict import (
+    EXIT_NOTHING_PREDICTED,
+    EXIT_SOME_FAILED,
+    collect_inputs,
+    predict,
+    run,
+)
+from foodvision.inference.predictor import Predictor
 
 from .conftest import ROOT, TinyRun, compose_tool
 

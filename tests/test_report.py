@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from foodvision.checkpoints import load_checkpoint_model
-from foodvision.compare import compare
-from foodvision.evaluate import evaluate
-from foodvision.export import export
+from foodvision.evaluation.evaluate import evaluate
+from foodvision.evaluation.report import cam_target_layer
+from foodvision.inference.checkpoints import load_checkpoint_model
+from foodvision.inference.export import export
 from foodvision.models.classifier import build_classifier
-from foodvision.report import cam_target_layer
+from foodvision.runs.compare import compare
 
 from .conftest import TinyRun, compose_tool
 
@@ -179,7 +179,7 @@ def test_gradcam_without_the_graph_below_its_layer_gives_the_maps_of_a_full_back
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    from foodvision.report import gradcam_maps
+    from foodvision.evaluation.report import gradcam_maps
 
     torch.manual_seed(0)
     model, _, _ = build_classifier(3, name="mobilenetv2_100", pretrained=False)
@@ -213,9 +213,9 @@ def test_report_draws_gradcam_with_the_model_eval_holds(
     """No second copy of the model for Grad-CAM: eval's predictor's PyTorch model is used (also behind ONNX
     Runtime), and left as it was."""
     pytest.importorskip("pytorch_grad_cam")
-    import foodvision.checkpoints
-    from foodvision.inference import Predictor
-    from foodvision.report import gradcam_overlays, pick_samples
+    import foodvision.inference.checkpoints
+    from foodvision.evaluation.report import gradcam_overlays, pick_samples
+    from foodvision.inference.predictor import Predictor
 
     predictor = Predictor(tiny_run.checkpoint, device="cpu", precision="32")
     flags = [p.requires_grad for p in predictor.model.parameters()]
@@ -223,7 +223,7 @@ def test_report_draws_gradcam_with_the_model_eval_holds(
     def no_second_copy(*_args: object, **_kwargs: object) -> None:
         raise AssertionError("Grad-CAM loaded the checkpoint a second time")
 
-    monkeypatch.setattr(foodvision.checkpoints, "load_checkpoint_model", no_second_copy)
+    monkeypatch.setattr(foodvision.inference.checkpoints, "load_checkpoint_model", no_second_copy)
     samples = pick_samples(
         read_csv(evaluated / "predictions.csv"), read_csv(evaluated / "most_confident_wrong.csv"), 2
     )

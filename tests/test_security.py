@@ -14,13 +14,13 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from foodvision.checkpoints import META_KEY, export_metadata, load_checkpoint_model, quiet_jit
+from foodvision.app.demo import example_photos, serve
 from foodvision.cli import run_tool
-from foodvision.evaluate import evaluate
-from foodvision.export import export
-from foodvision.inference import Predictor
-from foodvision.predict import predict
-from foodvision.serve import example_photos, serve
+from foodvision.evaluation.evaluate import evaluate
+from foodvision.inference.checkpoints import META_KEY, export_metadata, load_checkpoint_model, quiet_jit
+from foodvision.inference.export import export
+from foodvision.inference.predict import predict
+from foodvision.inference.predictor import Predictor
 
 from .conftest import TinyRun, compose_tool
 from .demo_helpers import free_port, python, stop, wait_for_url

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from foodvision.inference import Predictor
-from foodvision.predict import predict
-from foodvision.serve import example_photos, model_facts, predict_files_with, serve
+from foodvision.app.demo import example_photos, model_facts, predict_files_with, serve
+from foodvision.inference.predict import predict
+from foodvision.inference.predictor import Predictor
 
 from .conftest import SHARED_MINI, TinyRun, compose_tool
 from .demo_helpers import CHROMIUM_ARGS, free_port, python, require_browser, stop, wait_for_url
@@ -154,7 +154,7 @@ def test_demo_in_a_headless_browser(demo_url: str, tiny_run: TinyRun, tmp_path: 
 
 def test_an_exported_onnx_model_serves_the_same_probabilities(tiny_run: TinyRun, tmp_path: Path) -> None:
     pytest.importorskip("onnxruntime")
-    from foodvision.export import export
+    from foodvision.inference.export import export
 
     model_file = tmp_path / "model.onnx"
     export(compose_tool("export", f"ckpt_path={tiny_run.checkpoint}", "format=onnx", f"output={model_file}"))

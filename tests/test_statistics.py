@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from foodvision.evaluate import classification_metrics, confusion_matrix
-from foodvision.statistics import bootstrap_intervals, mcnemar, significant
+from foodvision.evaluation.evaluate import classification_metrics, confusion_matrix
+from foodvision.evaluation.statistics import bootstrap_intervals, mcnemar, significant
 
 
 def predictions(
@@ -45,7 +45,7 @@ def test_intervals_narrow_with_more_photos() -> None:
 
 def test_intervals_are_the_same_in_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     """Resamples drawn in chunks (memory) give the very same intervals."""
-    import foodvision.statistics as statistics
+    import foodvision.evaluation.statistics as statistics
 
     true, predicted = predictions(300)
     whole = bootstrap_intervals(true, predicted, 5, resamples=200, seed=1)

@@ -17,8 +17,6 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from foodvision.callbacks.feature_cache import COMPACT_MAPS_DTYPE, FeatureCache, extract_to_stores
-from foodvision.callbacks.finetune import TwoStageFinetuning
 from foodvision.data import store as store_module
 from foodvision.data.cached import CachedInputs, StoredView
 from foodvision.data.datamodule import FoodDataModule
@@ -32,7 +30,9 @@ from foodvision.data.store import (
     quasi_random_order,
 )
 from foodvision.models.classifier import POOLED, prefix_entry
-from foodvision.module import LitClassifier
+from foodvision.training.callbacks.feature_cache import COMPACT_MAPS_DTYPE, FeatureCache, extract_to_stores
+from foodvision.training.callbacks.finetune import TwoStageFinetuning
+from foodvision.training.module import LitClassifier
 
 from .test_finetune import fit, make_datamodule, make_module
 
@@ -157,7 +157,7 @@ def test_interrupted_and_damaged_entries_are_rebuilt_never_read(
 ) -> None:
     cache = tmp_path / "cache"
     # A build that dies mid-way (here an error in its second batch) leaves no entry under its name.
-    import foodvision.callbacks.feature_cache as feature_cache_module
+    import foodvision.training.callbacks.feature_cache as feature_cache_module
 
     real = feature_cache_module.StoreWriter
 

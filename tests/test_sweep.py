@@ -16,7 +16,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 
-from foodvision.sweep import run_trial, write_sweep_summary
+from foodvision.runs.sweep import run_trial, write_sweep_summary
 
 from .conftest import CONFIG_DIR, ROOT, make_class_tree
 

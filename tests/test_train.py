@@ -9,9 +9,9 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from foodvision.config_check import ConfigError
+from foodvision.config.check import ConfigError
 from foodvision.errors import ModelLoadError
-from foodvision.train import train
+from foodvision.training.fit import train
 
 from .conftest import SHARED_MINI
 

@@ -26,7 +26,7 @@ from foodvision.atomic import write_with
 from foodvision.data.images import load_rgb
 from foodvision.data.transforms import Preprocessing
 from foodvision.data.verify import image_list_digest
-from foodvision.engine import ChunkedForward, onnxruntime_or_none, resolve_engine, torch_max_batch
+from foodvision.inference.engine import ChunkedForward, onnxruntime_or_none, resolve_engine, torch_max_batch
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def build_backbone(
 def features_key(
     name: str, backbone: torch.nn.Module, preprocessing: Preprocessing, paths: Sequence[str], engine: str
 ) -> str:
-    from foodvision.callbacks.feature_cache import state_digest
+    from foodvision.training.callbacks.feature_cache import state_digest
 
     payload = {
         "format": FEATURES_FORMAT,

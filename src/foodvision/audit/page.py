@@ -1,5 +1,5 @@
 """``audit.html``: the audit as one self-contained page in the frame of eval's ``report.html`` (same CSS and
-HTML helpers, :mod:`foodvision.report`): headline counts, class balance, duplicate groups and likely label
+HTML helpers, :mod:`foodvision.evaluation.report`): headline counts, class balance, duplicate groups and likely label
 errors as thumbnails side by side, and the file statistics. Thumbnails are embedded (base64 JPEG), so the
 page can be opened anywhere or mailed."""
 
@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from foodvision.report import data_uri, esc, html_page, jpeg_bytes
+from foodvision.evaluation.report import data_uri, esc, html_page, jpeg_bytes
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from foodvision.atomic import ensure_dir, write_json, write_text
 from foodvision.audit.neighbours import cosine_pairs, join_pairs, phash_pairs
-from foodvision.cli import CONFIG_DIR, run_tool
+from foodvision.cli import run_tool
+from foodvision.config import CONFIG_DIR
 from foodvision.data.datamodule import FoodDataModule
 from foodvision.data.duplicates import AUDIT_KIND
 from foodvision.data.fingerprints import Fingerprint, fingerprints
@@ -44,7 +45,7 @@ WEAK_HEAD = 0.6
 # ---- the data, as training would split it ----------------------------------------------------------------
 def audit_datamodule(cfg: DictConfig) -> FoodDataModule:
     """The FoodDataModule of ``cfg.data`` (root found as train.py finds it), writing nothing to a run dir."""
-    from foodvision.train import resolve_data_root
+    from foodvision.training.fit import resolve_data_root
 
     container = OmegaConf.create({"seed": cfg.seed, "paths": cfg.paths, "data": cfg.data})
     OmegaConf.set_struct(container, False)

@@ -24,13 +24,14 @@ import hydra
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from foodvision.atomic import DiskWriteError, atomic_open, describe_os_error, disk_error
-from foodvision.calibration import Calibration, is_unknown
-from foodvision.cli import CONFIG_DIR, EXPECTED_ERRORS, required
-from foodvision.config_check import ConfigError
+from foodvision.cli import EXPECTED_ERRORS, required
+from foodvision.config import CONFIG_DIR
+from foodvision.config.check import ConfigError
 from foodvision.data.images import IMAGE_EXTENSIONS, is_image_file
 from foodvision.errors import ToolError
-from foodvision.image_batches import Stream, stream_files
-from foodvision.inference import predictor_from_config
+from foodvision.inference.batches import Stream, stream_files
+from foodvision.inference.calibration import Calibration, is_unknown
+from foodvision.inference.predictor import predictor_from_config
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +138,7 @@ UNKNOWN_ANSWER = "not sure"  # predict's answer to a photo below the model's unk
 
 def mark_unknown(rows: Sequence[dict[str, Any]], logits: Any, calibration: Calibration) -> None:
     """``row["unknown"]`` for each row (of these calibrated logits) when the model has an unknown threshold
-    (foodvision.calibration); rows of a model without one get no such key."""
+    (foodvision.inference.calibration); rows of a model without one get no such key."""
     if calibration.unknown_threshold is None:
         return
     for row, unknown in zip(rows, is_unknown(logits, calibration), strict=True):

@@ -24,14 +24,15 @@ import hydra
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from foodvision.atomic import atomic_open, write_text
-from foodvision.checkpoints import load_checkpoint_model
-from foodvision.cli import CONFIG_DIR, required, run_tool
+from foodvision.cli import required, run_tool
+from foodvision.config import CONFIG_DIR
+from foodvision.config.recipe import finetune_settings, recipe_summary
 from foodvision.errors import ModelLoadError, ToolError
-from foodvision.inference import measure_throughput, resolve_precision
-from foodvision.recipe import finetune_settings, recipe_summary
-from foodvision.statistics import mcnemar, significant
-from foodvision.sweep import FAILED_FILE  # written by failing multirun trials
-from foodvision.tables import format_cell, markdown_table
+from foodvision.evaluation.statistics import mcnemar, significant
+from foodvision.inference.checkpoints import load_checkpoint_model
+from foodvision.inference.predictor import measure_throughput, resolve_precision
+from foodvision.runs.sweep import FAILED_FILE  # written by failing multirun trials
+from foodvision.runs.tables import format_cell, markdown_table
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +122,7 @@ def count_parameters(model: Any, finetune: bool, unfreeze: Any, train_bn: bool) 
     plus the unfrozen blocks (their norm layers only with ``train_bn``), as ``TwoStageFinetuning`` does."""
     from torch import nn
 
-    from foodvision.callbacks.finetune import NORM_TYPES, select_groups
+    from foodvision.training.callbacks.finetune import NORM_TYPES, select_groups
 
     total = sum(p.numel() for p in model.parameters())
     if not finetune:
@@ -163,7 +164,9 @@ def run_row(
     run_dir = Path(run_dir)
     row: dict[str, Any] = {"run": run_dir.name, "path": str(run_dir), "status": "ok", "note": ""}
     problems: list[str] = []
-    failure = _read_json(run_dir / FAILED_FILE, problems)  # a multirun trial that raised (foodvision.sweep)
+    failure = _read_json(
+        run_dir / FAILED_FILE, problems
+    )  # a multirun trial that raised (foodvision.runs.sweep)
     if failure:
         problems.append(f"{failure.get('error_type', 'error')}: {failure.get('message', '')}".strip())
     # train() saves the config it ran; a run that failed before that may still have Hydra's copy
@@ -302,7 +305,7 @@ def read_test_predictions(run_dir: Path) -> dict[str, tuple[str, bool]] | None:
 
 
 def paired_test(best: dict[str, Any], second: dict[str, Any]) -> dict[str, Any] | None:
-    """McNemar's test (foodvision.statistics) of the two runs' per-photo correctness, when both were
+    """McNemar's test (foodvision.evaluation.statistics) of the two runs' per-photo correctness, when both were
     evaluated on the same photos (same files, same true classes); None otherwise (``reason`` in a dict
     with ``p_value`` None when the photos differ)."""
     a, b = read_test_predictions(Path(best["path"])), read_test_predictions(Path(second["path"]))
@@ -430,7 +433,7 @@ def write_html(
     path: Path, rows: Sequence[dict[str, Any]], sources: Sequence[str], throughput_note: str
 ) -> str:
     """leaderboard.html: the markdown leaderboard as one self-contained page (no scripts, nothing loaded)."""
-    from foodvision.report import esc, html_page, inline_markdown
+    from foodvision.evaluation.report import esc, html_page, inline_markdown
 
     columns = [(k, title) for k, title in COLUMNS if k != "checkpoint"]
     header = "".join(f"<th>{esc(title)}</th>" for _, title in columns)

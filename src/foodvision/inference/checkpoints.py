@@ -20,12 +20,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from foodvision.calibration import Calibration
 from foodvision.data.transforms import Preprocessing
-from foodvision.engine import (
+from foodvision.errors import ModelLoadError
+from foodvision.inference.calibration import Calibration
+from foodvision.inference.engine import (
     session_options,
 )
-from foodvision.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class ModelInfo:
     preprocessing: Preprocessing
     model: dict[str, Any] = field(default_factory=dict)
     weights_source: str = ""
-    # Temperature and "unknown" threshold fitted on validation (foodvision.calibration); metadata written
+    # Temperature and "unknown" threshold fitted on validation (foodvision.inference.calibration); metadata written
     # before calibration existed reads as temperature 1, no threshold.
     calibration: Calibration = field(default_factory=Calibration)
 

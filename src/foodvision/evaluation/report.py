@@ -193,7 +193,7 @@ def _cam_model(checkpoint: Path, predictor: Any = None) -> tuple[Any, Any]:
         and all(p.device.type == "cpu" and p.dtype == torch.float32 for p in model.parameters())
     ):
         return model, predictor.info
-    from foodvision.checkpoints import load_checkpoint_model
+    from foodvision.inference.checkpoints import load_checkpoint_model
 
     model, info, _ = load_checkpoint_model(checkpoint)
     return model.float(), info
@@ -241,7 +241,7 @@ def gradcam_overlays(
     """For each sample: the model's input crop and its Grad-CAM heat map for the predicted class, as PNGs.
 
     The map is of the plain forward pass (a model with test-time flip averages it with the mirrored view).
-    ``predictor`` (eval's :class:`foodvision.inference.Predictor`): its PyTorch model is used instead of a
+    ``predictor`` (eval's :class:`foodvision.inference.predictor.Predictor`): its PyTorch model is used instead of a
     second copy loaded from ``checkpoint``; it is left as it was found."""
     import torch
     from PIL import Image
@@ -369,8 +369,8 @@ def with_interval(value: float, interval: str, percent: bool = True) -> str:
 
 def trust_section(metrics: Mapping[str, Any], eval_dir: Path) -> str:
     """Calibration (ECE, Brier, reliability diagram), the unknown answer and its separation from outside
-    photos, and the bootstrap intervals: what eval's foodvision.trust wrote into metrics.json."""
-    from foodvision.evaluate import metric_name
+    photos, and the bootstrap intervals: what eval's foodvision.evaluation.trust wrote into metrics.json."""
+    from foodvision.evaluation.evaluate import metric_name
 
     split = metrics.get("split", "test")
 
@@ -543,7 +543,7 @@ def model_facts(
 
 
 def build_report(eval_dir: Path, predictor: Any = None, gradcam: int = 6, latency: bool = True) -> str:
-    from foodvision.evaluate import metric_name  # the key vocabulary of the metrics.json read here
+    from foodvision.evaluation.evaluate import metric_name  # the key vocabulary of the metrics.json read here
 
     eval_dir = Path(eval_dir)
     metrics = json.loads((eval_dir / "metrics.json").read_text())
@@ -610,9 +610,9 @@ def build_report(eval_dir: Path, predictor: Any = None, gradcam: int = 6, latenc
 
 def write_report(eval_dir: str | Path, predictor: Any = None, gradcam: int = 6, latency: bool = True) -> Path:
     """Write ``report.html`` into ``eval_dir`` from the files eval.py wrote there; ``predictor`` (a
-    :class:`foodvision.inference.Predictor`, or a model path) gives the model facts and the latency."""
+    :class:`foodvision.inference.predictor.Predictor`, or a model path) gives the model facts and the latency."""
     if predictor is not None and isinstance(predictor, (str, Path)):
-        from foodvision.inference import Predictor
+        from foodvision.inference.predictor import Predictor
 
         predictor = Predictor(predictor, device="cpu", precision="32")
     path = Path(eval_dir) / REPORT_FILE

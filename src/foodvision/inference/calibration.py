@@ -3,7 +3,7 @@
 * Temperature scaling (Guo et al., 2017): one scalar ``T`` fitted on the validation split by minimising the
   negative log-likelihood of ``softmax(logits / T)``; it changes no prediction (the arg-max is the same),
   only how confident they are. Fitted after training, saved in the model's metadata (:class:`Calibration`
-  inside :class:`foodvision.checkpoints.ModelInfo`), applied by every tool and export.
+  inside :class:`foodvision.inference.checkpoints.ModelInfo`), applied by every tool and export.
 * Expected calibration error (ECE, equal-width confidence bins), the Brier score and the bins of a
   reliability diagram.
 * An "unknown" answer: a threshold on an in-distribution score of the calibrated logits (the top
@@ -238,7 +238,7 @@ def threshold_keeping(scores_of_correct: Any, keep: float = DEFAULT_KEEP) -> flo
 
 def is_unknown(logits: Any, calibration: Calibration) -> np.ndarray:
     """Per photo: below the calibration's unknown threshold (all False without one). ``logits``: the
-    calibrated logits a :class:`foodvision.inference.Predictor` returns."""
+    calibrated logits a :class:`foodvision.inference.predictor.Predictor` returns."""
     if calibration.unknown_threshold is None:
         return np.zeros(len(logits), dtype=bool)
     scores = in_distribution_score(logits, calibration.unknown_score)

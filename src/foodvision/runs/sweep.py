@@ -11,7 +11,7 @@ a summary table.
   ``run_row``, without timing inference). It rewrites them after every trial, so an interrupted sweep
   still has its table, and logs the table when the sweep ends. It also creates the directory of an
   Optuna ``sqlite:///`` storage before the sweeper opens it.
-* ``python -m foodvision.sweep <multirun dir>`` rebuilds the summary of a sweep dir.
+* ``python -m foodvision.runs.sweep <multirun dir>`` rebuilds the summary of a sweep dir.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from foodvision.atomic import DiskWriteError, atomic_open, write_json, write_text
-from foodvision.recipe import recipe_summary
-from foodvision.tables import markdown_table
+from foodvision.config.recipe import recipe_summary
+from foodvision.runs.tables import markdown_table
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ FAILED_FILE = "failed.json"
 METRICS_FILE = "metrics.json"
 SUMMARY_NAME = "summary"
 # The trial's settings (config keys) and results (metrics.json keys) of a summary row.
-# Without foodvision.compare these are the columns; with it, its leaderboard's (the same names, and more).
+# Without foodvision.runs.compare these are the columns; with it, its leaderboard's (the same names, and more).
 SETTING_COLUMNS = ("model", "lr", "epochs", "augment", "unfreeze")
 METRIC_COLUMNS_FROM = {
     "train/acc": "train_acc",
@@ -151,10 +151,10 @@ def _sort_key(sweep_dir: Path, trial_dir: Path) -> tuple[Any, ...]:
 
 
 def _leaderboard_row(trial_dir: Path) -> dict[str, Any] | None:
-    """The compare leaderboard's row of a run (``foodvision.compare.run_row``, without timing), or None
+    """The compare leaderboard's row of a run (``foodvision.runs.compare.run_row``, without timing), or None
     when that module is unavailable or cannot read the trial."""
     try:
-        from foodvision.compare import run_row
+        from foodvision.runs.compare import run_row
     except Exception:  # compare's dependencies missing: the summary's own columns still work
         return None
     try:
@@ -167,7 +167,7 @@ def _leaderboard_row(trial_dir: Path) -> dict[str, Any] | None:
 def leaderboard_columns() -> list[str]:
     """The compare leaderboard's columns (less rank/run/status and timing), else the summary's own."""
     try:
-        from foodvision.compare import COLUMNS as LEADERBOARD
+        from foodvision.runs.compare import COLUMNS as LEADERBOARD
     except Exception:
         return list(SETTING_COLUMNS + METRIC_COLUMNS)
     return [key for key, _ in LEADERBOARD if key not in ("rank", "run", "status", "images_per_second")]
@@ -320,10 +320,10 @@ class SweepSummary(Callback):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m foodvision.sweep <multirun dir>...``: (re)write and print the summary of sweep dirs."""
+    """``python -m foodvision.runs.sweep <multirun dir>...``: (re)write and print the summary of sweep dirs."""
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help"):
-        print("usage: python -m foodvision.sweep MULTIRUN_DIR [MULTIRUN_DIR ...]")
+        print("usage: python -m foodvision.runs.sweep MULTIRUN_DIR [MULTIRUN_DIR ...]")
         return 0 if args else 2
     for arg in args:
         if not Path(arg).is_dir():

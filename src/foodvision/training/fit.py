@@ -29,18 +29,20 @@ from foodvision.atomic import (
     write_problem,
     write_text,
 )
-from foodvision.callbacks.checkpointing import use_atomic_checkpoints
-from foodvision.checkpoints import checkpoint_info, read_checkpoint
 from foodvision.cli import EXPECTED_ERRORS
-from foodvision.config_check import ConfigError, check_train_config
+from foodvision.config import CONFIG_DIR
+from foodvision.config.check import ConfigError, check_train_config
+from foodvision.config.recipe import recipe_summary
 from foodvision.data.datamodule import FoodDataModule
 from foodvision.data.mixing import mixing_settings
 from foodvision.data.sources import DataLayoutError, default_food101_root
 from foodvision.errors import ModelLoadError
 from foodvision.hardware import auto_precision
-from foodvision.module import LitClassifier
-from foodvision.recipe import recipe_summary
-from foodvision.resume import (
+from foodvision.inference.checkpoints import checkpoint_info, read_checkpoint
+from foodvision.runs.sweep import run_trial
+from foodvision.training.callbacks.checkpointing import use_atomic_checkpoints
+from foodvision.training.module import LitClassifier
+from foodvision.training.resume import (
     HeldRunLog,
     check_not_finished,
     find_last,
@@ -51,8 +53,7 @@ from foodvision.resume import (
     unique_run_dir,
     write_resume_record,
 )
-from foodvision.sweep import run_trial
-from foodvision.tuning import run_tuner
+from foodvision.training.tuning import run_tuner
 
 log = logging.getLogger(__name__)
 # Expected here: the frozen backbone's norm layers are in eval mode on purpose.
@@ -61,7 +62,6 @@ warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` 
 warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
 # Expected: the module mixes training batches (augment.mixup/cutmix) in its on_after_batch_transfer.
 warnings.filterwarnings("ignore", message=r".*overridden `on_after_batch_transfer` in `LightningModule`.*")
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 
 def resolve_precision(precision: Any, accelerator: str) -> Any:
@@ -107,7 +107,7 @@ def resolve_data_root(cfg: DictConfig) -> None:
 
 
 def resume_identity(cfg: DictConfig) -> tuple[dict[str, Any], Callable[[Mapping[str, Any]], Any]]:
-    """This run's :func:`foodvision.resume.run_identity` (from the config as composed, unresolved) and how
+    """This run's :func:`foodvision.training.resume.run_identity` (from the config as composed, unresolved) and how
     to find the data root a recorded config reads."""
     root_dir = str(OmegaConf.select(cfg, "paths.root_dir", default=".") or ".")
 
@@ -122,7 +122,7 @@ def resume_identity(cfg: DictConfig) -> tuple[dict[str, Any], Callable[[Mapping[
 
 def resolve_checkpoint(ckpt_path: str | None, log_dir: str, cfg: DictConfig | None = None) -> str | None:
     """``last``: the ``last.ckpt`` of the newest interrupted run of this config (``cfg``) under ``log_dir``
-    (:func:`foodvision.resume.find_last`); a path must exist."""
+    (:func:`foodvision.training.resume.find_last`); a path must exist."""
     if not ckpt_path:
         return None
     if ckpt_path == "last":
@@ -137,7 +137,7 @@ def resolve_checkpoint(ckpt_path: str | None, log_dir: str, cfg: DictConfig | No
 
 def resume_run_dir(ckpt_path: str | None, log_dir: str, fresh: str, *, _root_: DictConfig) -> str:
     """The run dir a run writes to: the interrupted run's (``<run>/checkpoints/x.ckpt``) when resuming,
-    else a new one (``fresh``, made unique: :func:`foodvision.resume.unique_run_dir`). Used by Hydra's
+    else a new one (``fresh``, made unique: :func:`foodvision.training.resume.unique_run_dir`). Used by Hydra's
     ``hydra.run.dir`` (resolver ``fv_run_dir``, ``_root_`` the composed config), so a resumed run appends
     to its own ``train.log`` instead of leaving a stray run dir; never raises (train() reports bad paths
     and refusals)."""
@@ -153,7 +153,7 @@ def resume_run_dir(ckpt_path: str | None, log_dir: str, fresh: str, *, _root_: D
 
 def hydra_subdir(ckpt_path: str | None, mode: Any = "RUN") -> str | None:
     """Where Hydra keeps its record of a run: ``.hydra``; none for a single resumed run, whose record
-    train() writes once the resume is accepted (:func:`foodvision.resume.write_resume_record`), so a
+    train() writes once the resume is accepted (:func:`foodvision.training.resume.write_resume_record`), so a
     refused resume writes nothing into the run; ``.hydra/resume-<time>`` for a trial of a multirun."""
     if not ckpt_path:
         return ".hydra"
@@ -252,7 +252,7 @@ def train(cfg: DictConfig) -> tuple[float | None, dict[str, Any]]:
         raise
     target = resume_target(resume) if resume else None
     continued = target.run_dir if target is not None else None  # the interrupted run's dir, if any
-    # Nothing is written into that run until the resume is accepted: its train.log waits (foodvision.resume).
+    # Nothing is written into that run until the resume is accepted: its train.log waits (foodvision.training.resume).
     held = HeldRunLog(continued) if continued is not None else None
     with open_dict(cfg):
         resolve_data_root(cfg)
@@ -346,8 +346,8 @@ def evaluate_best_checkpoint(cfg: DictConfig, trainer: L.Trainer, run_dir: Path)
     """Evaluate the best checkpoint (else ``last.ckpt``) on the test split with ``eval.py``'s code: the
     same metrics, keys and files (``<run>/eval-test/``) as ``python eval.py ckpt_path=<it>`` gives. With
     ``eval.calibrate`` (the default) its temperature and unknown threshold are fitted on the val split
-    first and saved in it (and in ``last.ckpt``): :mod:`foodvision.trust`."""
-    from foodvision.evaluate import evaluate
+    first and saved in it (and in ``last.ckpt``): :mod:`foodvision.evaluation.trust`."""
+    from foodvision.evaluation.evaluate import evaluate
 
     checkpoint_callback = trainer.checkpoint_callback
     best = getattr(checkpoint_callback, "best_model_path", "") if checkpoint_callback else ""
@@ -375,7 +375,9 @@ def evaluate_best_checkpoint(cfg: DictConfig, trainer: L.Trainer, run_dir: Path)
     log.info("testing %s on the test split (eval.py's code) -> %s", checkpoint, eval_cfg.output_dir)
     result = evaluate(eval_cfg)
     if eval_cfg.get("calibrate") and last.is_file() and last.resolve() != Path(checkpoint).resolve():
-        from foodvision.trust import calibrate_checkpoint  # last.ckpt is served too: its own calibration
+        from foodvision.evaluation.trust import (
+            calibrate_checkpoint,  # last.ckpt is served too: its own calibration
+        )
 
         calibrate_checkpoint(eval_cfg, last)
     tested = {k: v for k, v in result.items() if k.startswith("test/")}

@@ -11,7 +11,7 @@ epoch (Lightning #21901) and adds optimizer groups mid-run (schedulers miss them
 * frozen normalisation layers are put in eval mode at the start of every training epoch, so neither
   their affine weights nor their running mean/variance move;
 * the learning rates are not this callback's: the module's optimizer sets the groups' rates and the
-  configured scheduler changes them; with ``scheduler=stage2`` (:class:`foodvision.schedules.Stage2Schedule`)
+  configured scheduler changes them; with ``scheduler=stage2`` (:class:`foodvision.training.schedules.Stage2Schedule`)
   this callback tells the scheduler when stage 2 starts (warm-up and decay begin there);
 * under DDP the wrapper is rebuilt at the switch, so the gradients of newly unfrozen parameters are
   all-reduced (DDP registers only parameters that require grad when it wraps the model; #20340).
@@ -28,7 +28,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from foodvision.models.classifier import BlockGroup
-from foodvision.schedules import Stage2Schedule
+from foodvision.training.schedules import Stage2Schedule
 
 log = logging.getLogger(__name__)
 

@@ -35,7 +35,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from foodvision.atomic import write_json, write_with
-from foodvision.config_check import ConfigError
+from foodvision.config.check import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ def plot_lr_curve(result: dict[str, Any], path: Path) -> None:
 def _tuning_trainer(cfg: DictConfig, run_dir: Path, extra: list[L.Callback], stage: int) -> L.Trainer:
     """A trainer like the run's, with only the callbacks that decide what trains (fine-tuning, feature cache,
     epoch seed) and no logger or checkpoints; ``stage`` 1: stage 1 throughout; 2: stage 2 from the start."""
-    from foodvision.train import build_callbacks
+    from foodvision.training.fit import build_callbacks
 
     every = OmegaConf.to_container(cfg.get("callbacks") or {}, resolve=True)
     callbacks_cfg = OmegaConf.create(

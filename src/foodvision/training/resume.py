@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from foodvision.config_check import ConfigError
+from foodvision.config.check import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -1,14 +1,14 @@
 """`python export.py ckpt_path=... format=onnx|torchscript|app [output=...]`: a self-contained model file.
 
 The exported model maps normalised float32 NCHW images (any batch size) to calibrated logits (the
-checkpoint's temperature, :mod:`foodvision.calibration`, is a division in the graph: any runtime's softmax
+checkpoint's temperature, :mod:`foodvision.inference.calibration`, is a division in the graph: any runtime's softmax
 gives calibrated probabilities). Class names, preprocessing and the calibration (its unknown threshold
 too) travel inside the file as JSON (TorchScript: extra file ``foodvision.json``; ONNX: the
 ``foodvision.json`` entry of ``metadata_props``), so ``predict.py ckpt_path=model.onnx`` needs nothing else (a ``.pt`` also
 ``trust_torchscript=true``: TorchScript is a program).
 ONNX export uses the ``onnx`` package (a dependency of foodvision, also listed in its ``[onnx]`` extra).
 ``format=app`` writes a folder instead: a Gradio app around the ONNX file that needs no PyTorch
-(:mod:`foodvision.app_export`).
+(:mod:`foodvision.app.package`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,10 @@ from omegaconf import DictConfig
 from torch import nn
 
 from foodvision.atomic import atomic_open, ensure_dir, write_with
-from foodvision.checkpoints import (
+from foodvision.cli import required, run_tool
+from foodvision.config import CONFIG_DIR
+from foodvision.errors import ToolError
+from foodvision.inference.checkpoints import (
     META_KEY,
     ModelInfo,
     export_metadata,
@@ -34,9 +37,7 @@ from foodvision.checkpoints import (
     quiet_jit,
     run_dir_of,
 )
-from foodvision.cli import CONFIG_DIR, required, run_tool
-from foodvision.errors import ToolError
-from foodvision.inference import Predictor
+from foodvision.inference.predictor import Predictor
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ def example_input(info: ModelInfo, batch: int = 2) -> torch.Tensor:
 
 
 class TemperatureScaled(nn.Module):
-    """The network's logits divided by its calibration temperature (:mod:`foodvision.calibration`): an
+    """The network's logits divided by its calibration temperature (:mod:`foodvision.inference.calibration`): an
     exported graph outputs calibrated logits, so any runtime's softmax gives calibrated probabilities."""
 
     def __init__(self, network: nn.Module, temperature: float):
@@ -141,8 +142,8 @@ def check_export(model: nn.Module, info: ModelInfo, output: Path, tolerance: flo
 def export(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get(
         "quantize"
-    ):  # quantize=int8: this export in float32, then its INT8 model (foodvision.quantize)
-        from foodvision.quantize import export_int8
+    ):  # quantize=int8: this export in float32, then its INT8 model (foodvision.inference.quantize)
+        from foodvision.inference.quantize import export_int8
 
         return export_int8(cfg, export)
     ckpt_path = Path(required(cfg, "ckpt_path", "ckpt_path=<run>/checkpoints/last.ckpt")).expanduser()
@@ -150,7 +151,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     if fmt not in FORMATS:
         raise ToolError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     if fmt == "app":
-        from foodvision.app_export import export_app
+        from foodvision.app.package import export_app
 
         output = Path(cfg.output).expanduser() if cfg.get("output") else default_output(ckpt_path, fmt)
         return export_app(cfg, ckpt_path, output)

@@ -1,6 +1,6 @@
 """`python export.py ckpt_path=... format=app output=DIR`: a self-contained Gradio app folder without PyTorch.
 
-DIR gets ``app.py`` (:mod:`foodvision.app_template`, numpy + PIL preprocessing equal to foodvision's eval
+DIR gets ``app.py`` (:mod:`foodvision.app.template`, numpy + PIL preprocessing equal to foodvision's eval
 transform, ONNX Runtime), ``model.onnx`` (class names and preprocessing in its metadata), ``app.json``
 (title, facts shown on the page, example list), ``requirements.txt`` (onnxruntime, gradio, pillow, numpy),
 ``examples/`` (a few of the run's own test photos, when its data is at hand) and a ``README.md`` with the
@@ -20,10 +20,10 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from foodvision import app_template
+from foodvision.app import template as app_template
 from foodvision.atomic import ensure_dir, finite_json, write_text, write_with
-from foodvision.checkpoints import ModelInfo, run_dir_of
 from foodvision.errors import ToolError
+from foodvision.inference.checkpoints import ModelInfo, run_dir_of
 
 log = logging.getLogger(__name__)
 
@@ -143,9 +143,9 @@ def unknown_note(info: ModelInfo) -> str:
 
 def export_app(cfg: DictConfig, ckpt_path: Path, output: Path) -> dict[str, Any]:
     """Write the app folder; returns what export.py prints and returns."""
-    from foodvision.checkpoints import load_checkpoint_model
-    from foodvision.export import check_export, export_onnx
-    from foodvision.serve import example_name, example_photos
+    from foodvision.app.demo import example_name, example_photos
+    from foodvision.inference.checkpoints import load_checkpoint_model
+    from foodvision.inference.export import check_export, export_onnx
 
     model, info, checkpoint = load_checkpoint_model(ckpt_path)
     model = model.float().eval()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -15,7 +14,6 @@ from foodvision.data.images import BadImageError
 from foodvision.data.sources import DataLayoutError
 from foodvision.errors import ToolError
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 EXPECTED_ERRORS = (ToolError, DataLayoutError, BadImageError)
 
 log = logging.getLogger("foodvision")

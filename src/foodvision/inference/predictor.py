@@ -1,8 +1,8 @@
 """Run a trained model (Lightning checkpoint, exported TorchScript or ONNX file) on batches of photos.
 
 Checkpoints run with PyTorch or, for float32 work on a CPU (``engine=auto``), with ONNX Runtime from an
-in-memory export of their weights: same logits, several times faster there (see :mod:`foodvision.engine`).
-Loading is :mod:`foodvision.checkpoints`; reading photos in batches is :mod:`foodvision.image_batches`.
+in-memory export of their weights: same logits, several times faster there (see :mod:`foodvision.inference.engine`).
+Loading is :mod:`foodvision.inference.checkpoints`; reading photos in batches is :mod:`foodvision.inference.batches`.
 """
 
 from __future__ import annotations
@@ -18,16 +18,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from foodvision.calibration import Calibration
-from foodvision.checkpoints import (
+from foodvision.data.transforms import Preprocessing
+from foodvision.errors import ToolError
+from foodvision.hardware import auto_precision
+from foodvision.inference.calibration import Calibration
+from foodvision.inference.checkpoints import (
     load_checkpoint_model,
     load_onnx_file,
     load_torchscript_file,
     model_format,
     require_file,
 )
-from foodvision.data.transforms import Preprocessing
-from foodvision.engine import (
+from foodvision.inference.engine import (
     ENGINES,
     OnnxRuntimeModule,
     batch_for_memory,
@@ -38,8 +40,6 @@ from foodvision.engine import (
     resolve_engine,
     run_in_chunks,
 )
-from foodvision.errors import ToolError
-from foodvision.hardware import auto_precision
 
 log = logging.getLogger(__name__)
 
@@ -121,13 +121,13 @@ def check_trust_torchscript(value: Any) -> bool:
 class Predictor:
     """Normalised NCHW float images -> float32 logits, for any model format.
 
-    Checkpoints run with ``engine`` (:func:`foodvision.engine.resolve_engine`; ``auto``: ONNX Runtime for
+    Checkpoints run with ``engine`` (:func:`foodvision.inference.engine.resolve_engine`; ``auto``: ONNX Runtime for
     float32 on a CPU, else PyTorch in ``torch.inference_mode`` with channels_last inputs and bf16 autocast
     where supported). Exported ``.onnx`` files always run with ONNX Runtime, TorchScript files with PyTorch,
     and only with ``trust_torchscript=True``: TorchScript is a program that runs when loaded.
 
     ``max_batch``: images per forward pass, chosen so that its working memory fits ``max_memory_mb``
-    (default :func:`foodvision.engine.default_max_memory_mb`); :meth:`use_batch_size` sets it explicitly.
+    (default :func:`foodvision.inference.engine.default_max_memory_mb`); :meth:`use_batch_size` sets it explicitly.
     Larger batches are run in chunks of ``max_batch``, so memory stays bounded whatever a caller passes.
     """
 
@@ -256,7 +256,7 @@ class Predictor:
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         """Calibrated logits: the network's divided by the model's temperature (exported files divide in
-        their graph, see :mod:`foodvision.export`); softmax of them gives calibrated probabilities."""
+        their graph, see :mod:`foodvision.inference.export`); softmax of them gives calibrated probabilities."""
         logits = self.network_logits(images)
         calibration = self.info.calibration
         if calibration.in_graph or calibration.temperature == 1.0:

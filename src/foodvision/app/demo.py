@@ -3,9 +3,9 @@
 Drop, upload, paste or take (webcam) a photo, or several: top-k classes with probability bars and the
 prediction time, the model's facts (architecture, classes, test accuracy from the run's metrics.json,
 size) and a few of the run's own test photos as examples when its data is at hand. Runs through
-:class:`foodvision.inference.Predictor` (ONNX Runtime on a CPU, PyTorch on a GPU). Listens on 127.0.0.1
+:class:`foodvision.inference.predictor.Predictor` (ONNX Runtime on a CPU, PyTorch on a GPU). Listens on 127.0.0.1
 unless ``host=`` says otherwise; ``share=true`` asks Gradio for a public link. Needs the ``demo`` extra
-(``pip install -e '.[demo]'``). The page itself is :func:`foodvision.app_template.build_demo`, the one
+(``pip install -e '.[demo]'``). The page itself is :func:`foodvision.app.template.build_demo`, the one
 the exported app (``export.py format=app``) serves.
 """
 
@@ -28,13 +28,14 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from foodvision.app_template import unknown_fact
-from foodvision.calibration import is_unknown
-from foodvision.checkpoints import run_dir_of
-from foodvision.cli import CONFIG_DIR, required, run_tool
+from foodvision.app.template import unknown_fact
+from foodvision.cli import required, run_tool
+from foodvision.config import CONFIG_DIR
 from foodvision.errors import ToolError
-from foodvision.image_batches import infer_files
-from foodvision.inference import Predictor, resolve_device
+from foodvision.inference.batches import infer_files
+from foodvision.inference.calibration import is_unknown
+from foodvision.inference.checkpoints import run_dir_of
+from foodvision.inference.predictor import Predictor, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +116,7 @@ def example_photos(cfg: DictConfig, run_dir: Path, class_names: Sequence[str], c
     if count <= 0:
         return []
     from foodvision.data.datamodule import FoodDataModule
-    from foodvision.evaluate import resolve_eval_data
+    from foodvision.evaluation.evaluate import resolve_eval_data
 
     try:
         data_args, _ = resolve_eval_data(cfg, run_dir)
@@ -155,7 +156,7 @@ def copy_examples(photos: Sequence[str], folder: Path) -> list[str]:
 def predict_files_with(predictor: Predictor) -> Any:
     """``paths -> [Answer (calibrated probabilities, not sure or not) or a message]`` through foodvision's
     own reading and preprocessing (the same as predict.py)."""
-    from foodvision.app_template import Answer
+    from foodvision.app.template import Answer
 
     def predict_files(paths: Sequence[str]) -> list[Any]:
         result = infer_files(predictor, list(paths), batch_size=32, num_workers=0, progress=False)
@@ -178,7 +179,7 @@ def predict_files_with(predictor: Predictor) -> Any:
 
 
 def build(cfg: DictConfig, predictor: Predictor, example_dir: Path) -> Any:
-    from foodvision.app_template import build_demo
+    from foodvision.app.template import build_demo
 
     import_gradio()
     run_dir = run_dir_of(predictor.path)
@@ -200,7 +201,7 @@ def serve(cfg: DictConfig) -> Any:
     """Build the demo and launch it; blocks until interrupted unless ``block=false`` (then returns it)."""
     ckpt_path = required(cfg, "ckpt_path", "ckpt_path=lightning_logs/runs/<run>/checkpoints/last.ckpt")
     import_gradio()
-    from foodvision.app_template import launch
+    from foodvision.app.template import launch
 
     started = time.perf_counter()
     device = resolve_device(cfg.get("device", "auto"))

@@ -29,12 +29,12 @@ from lightning.pytorch.callbacks import Callback
 from tqdm.auto import tqdm
 
 from foodvision.atomic import fallback_cache_dir, writable_cache_dir
-from foodvision.callbacks.finetune import TwoStageFinetuning
 from foodvision.data.cached import CachedInputs, StoredView
 from foodvision.data.store import Store, StoreError, StoreWriter, mixed_row_order, open_store, remove_store
 from foodvision.data.verify import image_list_digest
-from foodvision.engine import ChunkedForward, onnxruntime_or_none, resolve_engine, torch_max_batch
+from foodvision.inference.engine import ChunkedForward, onnxruntime_or_none, resolve_engine, torch_max_batch
 from foodvision.models.classifier import POOLED, prefix_entry
+from foodvision.training.callbacks.finetune import TwoStageFinetuning
 
 log = logging.getLogger(__name__)
 

@@ -17,13 +17,13 @@ from torchmetrics.classification import (
     MulticlassRecall,
 )
 
-from foodvision.checkpoints import CHECKPOINT_KEY, ModelInfo
 from foodvision.data.balance import resolve_class_weights
 from foodvision.data.mixing import BatchMixer, hard_targets
 from foodvision.data.transforms import Preprocessing
 from foodvision.errors import ToolError
+from foodvision.inference.checkpoints import CHECKPOINT_KEY, ModelInfo
 from foodvision.models.classifier import IMAGES, build_classifier
-from foodvision.schedules import Stage2Schedule
+from foodvision.training.schedules import Stage2Schedule
 
 
 class TrainingDivergedError(ToolError):
@@ -105,7 +105,7 @@ class LitClassifier(L.LightningModule):
         loss_weights = None if weights is None else torch.tensor(weights, dtype=torch.float32)
         self.register_buffer("loss_weights", loss_weights, persistent=False)
         self.metrics = nn.ModuleDict({f"{s}_": summary_metrics(num_classes) for s in ("train", "val")})
-        # Testing is eval.py's job (foodvision.evaluate): train.py evaluates the best checkpoint with it.
+        # Testing is eval.py's job (foodvision.evaluation.evaluate): train.py evaluates the best checkpoint with it.
         # The per-class table and confusion matrix are logged to TensorBoard only (train.py keeps scalars):
         # one confusion matrix, updated only when such a logger will receive it (see _wants_detail).
         self.detailed = nn.ModuleDict({"val_": MulticlassConfusionMatrix(num_classes)})
@@ -202,7 +202,7 @@ class LitClassifier(L.LightningModule):
         if self._wants_detail(stage):
             confusion = self.detailed[f"{stage}_"].compute().cpu()
             self.detailed[f"{stage}_"].reset()
-            from foodvision.reporting import log_confusion_to_loggers
+            from foodvision.evaluation.figures import log_confusion_to_loggers
 
             per_class = per_class_from_confusion(confusion, self.class_names)
             log_confusion_to_loggers(self, stage, confusion, per_class)

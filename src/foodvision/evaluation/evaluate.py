@@ -24,17 +24,18 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from foodvision import trust
 from foodvision.atomic import atomic_open, ensure_dir, finite_json, write_text
-from foodvision.checkpoints import run_dir_of
-from foodvision.cli import CONFIG_DIR, required, run_tool
+from foodvision.cli import required, run_tool
+from foodvision.config import CONFIG_DIR
 from foodvision.data.datamodule import FoodDataModule
 from foodvision.data.images import load_rgb
 from foodvision.data.splits import SPLITS
 from foodvision.errors import ClassMismatchError, ToolError
-from foodvision.image_batches import Stream, stream_files
-from foodvision.inference import predictor_from_config
-from foodvision.reporting import confusion_figure, plt, save_figure
+from foodvision.evaluation import trust
+from foodvision.evaluation.figures import confusion_figure, plt, save_figure
+from foodvision.inference.batches import Stream, stream_files
+from foodvision.inference.checkpoints import run_dir_of
+from foodvision.inference.predictor import predictor_from_config
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +163,9 @@ def resolve_eval_data(cfg: DictConfig, run_dir: Path | None) -> tuple[dict[str, 
     ``data=<group>`` on the command line: that group. Otherwise the run's ``config.yaml`` data section,
     else ``conf/data/food101.yaml``; the non-null keys of this config's ``data`` block override either.
     """
-    from foodvision.train import resolve_data_root  # lazily: the training stack is not needed before this
+    from foodvision.training.fit import (
+        resolve_data_root,  # lazily: the training stack is not needed before this
+    )
 
     user = OmegaConf.to_container(cfg.data, resolve=False)
     chosen_group = "_target_" in user
@@ -473,7 +476,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     metrics["eval_dir"] = str(out)
     write_text(out / "metrics.json", json.dumps(finite_json(metrics), indent=2, allow_nan=False) + "\n")
     if cfg.get("report", True):
-        from foodvision.report import write_report  # report.html from the files above (foodvision.report)
+        from foodvision.evaluation.report import (
+            write_report,  # report.html from the files above (foodvision.evaluation.report)
+        )
 
         write_report(out, predictor)
     _print_summary(metrics, out, stream.images_per_second)

@@ -4,8 +4,8 @@ ECE before/after and the Brier score (with ``reliability.png``), the "unknown" a
 threshold, how well the unknown score separates the test photos from ``outside=`` photos (AUROC, share
 rejected), and seeded bootstrap intervals of accuracy, macro F1 and each class's F1.
 
-The math is :mod:`foodvision.calibration` and :mod:`foodvision.statistics`; this module runs the model and
-names the keys (``<split>/<name>``, :func:`foodvision.evaluate.metric_name`).
+The math is :mod:`foodvision.inference.calibration` and :mod:`foodvision.evaluation.statistics`; this module runs the model and
+names the keys (``<split>/<name>``, :func:`foodvision.evaluation.evaluate.metric_name`).
 """
 
 from __future__ import annotations
@@ -18,13 +18,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from foodvision import calibration as cal
-from foodvision.calibration import Calibration
-from foodvision.checkpoints import save_calibration
 from foodvision.errors import ToolError
-from foodvision.image_batches import Stream, stream_files
-from foodvision.inference import Predictor
-from foodvision.statistics import DEFAULT_LEVEL, DEFAULT_RESAMPLES, bootstrap_intervals
+from foodvision.evaluation.statistics import DEFAULT_LEVEL, DEFAULT_RESAMPLES, bootstrap_intervals
+from foodvision.inference.batches import Stream, stream_files
+from foodvision.inference.calibration import Calibration
+from foodvision.inference.checkpoints import save_calibration
+from foodvision.inference.predictor import Predictor
+from foodvision.inference import calibration as cal
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ RELIABILITY_FILE = "reliability.png"
 
 
 def _name(split: str, key: str) -> str:
-    from foodvision.evaluate import metric_name
+    from foodvision.evaluation.evaluate import metric_name
 
     return metric_name(split, key)
 
@@ -136,10 +136,10 @@ def calibrate_predictor(
 def calibrate_checkpoint(cfg: Any, ckpt_path: str | Path) -> Calibration:
     """``eval.py``'s calibration step alone, for a checkpoint (train.py: the run's ``last.ckpt`` besides
     the tested best one): its run's val split, as eval finds the data."""
-    from foodvision.checkpoints import run_dir_of
     from foodvision.data.datamodule import FoodDataModule
-    from foodvision.evaluate import _workers, match_classes, resolve_eval_data
-    from foodvision.inference import predictor_from_config
+    from foodvision.evaluation.evaluate import _workers, match_classes, resolve_eval_data
+    from foodvision.inference.checkpoints import run_dir_of
+    from foodvision.inference.predictor import predictor_from_config
 
     predictor, batch_size = predictor_from_config(cfg, ckpt_path)
     data_args, _ = resolve_eval_data(cfg, run_dir_of(predictor.path))
@@ -254,7 +254,7 @@ def outside_scores(
 ) -> tuple[dict[str, np.ndarray], int]:
     """The unknown scores of the ``outside=`` photos (files, folders, globs: as predict.py's inputs), and
     how many could not be read."""
-    from foodvision.predict import collect_inputs
+    from foodvision.inference.predict import collect_inputs
 
     found = collect_inputs(inputs)
     if not found.files:
@@ -274,7 +274,7 @@ def outside_scores(
 def reliability_figure(bins: Sequence[dict[str, float]], uncalibrated: float, calibrated: float, title: str):
     """Accuracy against mean confidence per confidence bin (bars), the diagonal of perfect calibration, and
     the share of photos per bin."""
-    from foodvision.reporting import plt
+    from foodvision.evaluation.figures import plt
 
     fig, (ax, counts) = plt.subplots(
         2, 1, figsize=(5.2, 5.6), dpi=100, sharex=True, gridspec_kw={"height_ratios": [3, 1]}
@@ -314,7 +314,7 @@ def reliability_figure(bins: Sequence[dict[str, float]], uncalibrated: float, ca
 def write_reliability(
     out: Path, bins: Sequence[dict[str, float]], metrics: dict[str, Any], split: str
 ) -> None:
-    from foodvision.reporting import save_figure
+    from foodvision.evaluation.figures import save_figure
 
     save_figure(
         reliability_figure(

@@ -1,4 +1,4 @@
-"""Photos read in batches for a :class:`foodvision.inference.Predictor`: unreadable files are skipped and
+"""Photos read in batches for a :class:`foodvision.inference.predictor.Predictor`: unreadable files are skipped and
 reported, logits come batch by batch (:func:`stream_files`) or all at once (:func:`infer_files`)."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from foodvision.data.images import BadImageError, load_rgb
 from foodvision.data.transforms import Preprocessing
-from foodvision.inference import Predictor
+from foodvision.inference.predictor import Predictor
 
 log = logging.getLogger(__name__)
 
