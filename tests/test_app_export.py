@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from foodvision.cli import run_tool
-from foodvision.inference.export import export
+from foodvision.cli.export import export
 from foodvision.inference.predict import predict
 
 from .conftest import SHARED_MINI, TinyRun, compose_tool

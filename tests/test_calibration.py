@@ -175,7 +175,7 @@ def test_exports_carry_the_calibrated_probabilities(calibrated_checkpoint: Path,
     the graph divides by the temperature (so no runtime divides twice)."""
     pytest.importorskip("onnxruntime")
     from foodvision.app import template as app_template
-    from foodvision.inference.export import export
+    from foodvision.cli.export import export
 
     images = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     want = Predictor(calibrated_checkpoint, precision="32").logits(images).softmax(dim=1)
@@ -311,7 +311,7 @@ def test_serve_answers_not_sure_through_gradio_client(calibrated_checkpoint: Pat
 def test_app_marks_unknown_answers(calibrated_checkpoint: Path, tiny_run: TinyRun, tmp_path: Path) -> None:
     """`app.py --predict` (no PyTorch): the same unknown flags as predict.py, and the page's facts say so."""
     pytest.importorskip("onnxruntime")
-    from foodvision.inference.export import export
+    from foodvision.cli.export import export
 
     from .demo_helpers import app_predictions
 

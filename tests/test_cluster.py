@@ -28,7 +28,9 @@ def test_slurm_launcher_config_gives_expected_sbatch_parameters(tmp_path: Path, 
     fake_bin = tmp_path / "bin"  # submitit renders sbatch scripts only where it can see srun
     fake_bin.mkdir()
     (fake_bin / "srun").write_text("#!/bin/sh\n")
-    (fake_bin / "srun").chmod(0o755)
+    (fake_bin / "sbatch").write_text('#!/bin/sh\necho "Submitted batch job 42"\n')  # accepts, runs nothing
+    for tool in ("srun", "sbatch"):
+        (fake_bin / tool).chmod(0o755)
     monkeypatch.setenv("PATH", f"{fake_bin}:{os.environ['PATH']}")
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     cfg = _compose_with_hydra(
@@ -55,7 +57,8 @@ def test_slurm_launcher_config_gives_expected_sbatch_parameters(tmp_path: Path, 
     params = {k if k in base else f"slurm_{k}": v for k, v in launcher.items() if k not in skip}
     params["name"] = "foodvision"
     executor.update_parameters(**params)
-    script = executor._executor._make_submission_file_text("python train.py", "uid")
+    job = executor.submit(print, "foodvision")  # the script submitit hands to sbatch stays in the job folder
+    script = Path(job.paths.submission_file).read_text()
     for line in (
         "#SBATCH --partition=a100",
         "#SBATCH --nodes=2",

@@ -133,7 +133,7 @@ def test_onnx_export_on_a_full_disk_leaves_no_file_without_metadata(
 ) -> None:
     import onnx
 
-    from foodvision.inference.export import export
+    from foodvision.cli.export import export
 
     output = tmp_path / "export" / "last.onnx"
 

@@ -10,7 +10,7 @@ import torch
 
 from foodvision.errors import ModelLoadError
 from foodvision.inference.checkpoints import META_KEY, load_checkpoint_model, quiet_jit
-from foodvision.inference.export import export
+from foodvision.cli.export import export
 from foodvision.inference.predict import predict
 from foodvision.inference.predictor import Predictor
 

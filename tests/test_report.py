@@ -16,7 +16,7 @@ from PIL import Image
 from foodvision.evaluation.evaluate import evaluate
 from foodvision.evaluation.report import cam_target_layer
 from foodvision.inference.checkpoints import load_checkpoint_model
-from foodvision.inference.export import export
+from foodvision.cli.export import export
 from foodvision.models.classifier import build_classifier
 from foodvision.runs.compare import compare
 

@@ -18,7 +18,7 @@ from foodvision.app.demo import example_photos, serve
 from foodvision.cli import run_tool
 from foodvision.evaluation.evaluate import evaluate
 from foodvision.inference.checkpoints import META_KEY, export_metadata, load_checkpoint_model, quiet_jit
-from foodvision.inference.export import export
+from foodvision.cli.export import export
 from foodvision.inference.predict import predict
 from foodvision.inference.predictor import Predictor
 

@@ -154,7 +154,7 @@ def test_demo_in_a_headless_browser(demo_url: str, tiny_run: TinyRun, tmp_path: 
 
 def test_an_exported_onnx_model_serves_the_same_probabilities(tiny_run: TinyRun, tmp_path: Path) -> None:
     pytest.importorskip("onnxruntime")
-    from foodvision.inference.export import export
+    from foodvision.cli.export import export
 
     model_file = tmp_path / "model.onnx"
     export(compose_tool("export", f"ckpt_path={tiny_run.checkpoint}", "format=onnx", f"output={model_file}"))

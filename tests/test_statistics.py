@@ -49,7 +49,7 @@ def test_intervals_are_the_same_in_chunks(monkeypatch: pytest.MonkeyPatch) -> No
 
     true, predicted = predictions(300)
     whole = bootstrap_intervals(true, predicted, 5, resamples=200, seed=1)
-    monkeypatch.setattr(statistics, "_CHUNK_CELLS", 300 * 7)  # 7 resamples at a time
+    monkeypatch.setattr(statistics, "CHUNK_CELLS", 300 * 7)  # 7 resamples at a time
     assert bootstrap_intervals(true, predicted, 5, resamples=200, seed=1) == whole
 
 

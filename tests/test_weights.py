@@ -21,12 +21,12 @@ except ImportError:  # package not installed: fall back to the src layout
 
 from foodvision.models.weights import PretrainedWeightsError, load_pretrained_weights  # noqa: E402
 
-MBV2, LITE0 = weights._OFFLINE_PACKAGES
+MBV2, LITE0 = weights.OFFLINE_PACKAGES
 
 
 def _package_file(pkg) -> Path:
     try:
-        return weights._locate_package_file(pkg)
+        return weights.locate_package_file(pkg)
     except FileNotFoundError as exc:
         pytest.skip(str(exc))
 
@@ -39,11 +39,45 @@ def _quiet_torch():
     torch.set_num_threads(threads)
 
 
+def _hugging_face_cache(monkeypatch, folder: Path) -> Path:
+    """Point huggingface_hub's cache at `folder` (read at call time, so this works after import)."""
+    import huggingface_hub.constants
+
+    folder.mkdir(parents=True, exist_ok=True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(folder))
+    return folder
+
+
+def _no_hub_download(monkeypatch) -> None:
+    """Fail the test if timm is asked for pretrained weights (its hub download) from here on."""
+    create_model = timm.create_model
+
+    def guarded(*args, **kwargs):
+        if kwargs.get("pretrained"):
+            pytest.fail("timm hub download attempted")
+        return create_model(*args, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", guarded)
+
+
+def _offline_package(monkeypatch, tmp_path: Path, like, checkpoint: Path, resource: str, **changes):
+    """Install a fake offline weight package holding `checkpoint` as `resource` and make it the only one."""
+    package = f"fake_offline_weights_{tmp_path.name.replace('-', '_')}"
+    target = tmp_path / "site" / package / resource
+    target.parent.mkdir(parents=True)
+    (tmp_path / "site" / package / "__init__.py").write_text("")
+    shutil.copyfile(checkpoint, target)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    fake = dataclasses.replace(like, package=package, resource=resource, **changes)
+    monkeypatch.setattr(weights, "OFFLINE_PACKAGES", (fake,))
+    return target
+
+
 @pytest.fixture
-def offline(monkeypatch):
+def offline(monkeypatch, tmp_path):
     """No network and no Hugging Face cache, whatever the machine running the tests has."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(weights, "_hub_cached_file", lambda model_name: None)
+    _hugging_face_cache(monkeypatch, tmp_path / "empty-hf-cache")
 
 
 def _backbone(name: str, **kwargs) -> torch.nn.Module:
@@ -74,15 +108,17 @@ def test_torchvision_mobilenet_v2_matches_torchvision_features(offline):
 
 
 def test_torchvision_explicit_mapping_agrees_with_parameter_order():
-    """The explicit name mapping equals the zip over ordered state_dict items (incl. num_batches_tracked)."""
-    source = torch.load(_package_file(MBV2), map_location="cpu", weights_only=True)
+    """The explicit name mapping equals the zip over ordered state_dict items (incl. num_batches_tracked):
+    every tensor of the full model (classifier included) is loaded from the source tensor at its position."""
+    path = _package_file(MBV2)
+    source = torch.load(path, map_location="cpu", weights_only=True)
     full = _backbone("mobilenetv2_100", num_classes=1000)
-    converted = weights._convert_torchvision_mobilenet_v2(source, full)
+    assert "torchvision_mobilenet_v2" in load_pretrained_weights(full, "mobilenetv2_100", weights_file=str(path))
     target = full.state_dict()
-    assert list(converted) == list(target)
     for (src_key, src), (dst_key, dst) in zip(source.items(), target.items(), strict=True):
         assert src.shape == dst.shape, (src_key, dst_key)
         assert src_key.endswith("num_batches_tracked") == dst_key.endswith("num_batches_tracked")
+        assert torch.equal(src, dst), (src_key, dst_key)
 
 
 def test_offline_package_accepts_tagged_model_name(offline):
@@ -151,9 +187,8 @@ def test_efficientnet_lite0_non_tf_variant_is_not_served_by_lukemelas_weights(of
 
 
 def test_hash_mismatch_in_file_name_is_rejected(offline, monkeypatch, tmp_path):
-    fake = tmp_path / "mobilenet_v2-deadbeef.pth"
-    shutil.copyfile(_package_file(MBV2), fake)
-    monkeypatch.setattr(weights, "_locate_package_file", lambda pkg: fake)
+    resource = "weights/mobilenet_v2-deadbeef.pth"
+    fake = _offline_package(monkeypatch, tmp_path, MBV2, _package_file(MBV2), resource)
     backbone = _backbone("mobilenetv2_100")
     before = backbone.conv_stem.weight.clone()
     with pytest.raises(PretrainedWeightsError) as info:
@@ -165,7 +200,7 @@ def test_hash_mismatch_in_file_name_is_rejected(offline, monkeypatch, tmp_path):
 def test_hash_mismatch_against_pinned_digest_is_rejected(offline, monkeypatch):
     path = _package_file(LITE0)
     tampered = dataclasses.replace(LITE0, sha256="0" * 64)
-    monkeypatch.setattr(weights, "_OFFLINE_PACKAGES", (MBV2, tampered))
+    monkeypatch.setattr(weights, "OFFLINE_PACKAGES", (MBV2, tampered))
     with pytest.raises(PretrainedWeightsError) as info:
         load_pretrained_weights(_backbone("tf_efficientnet_lite0"), "tf_efficientnet_lite0")
     message = str(info.value)
@@ -213,10 +248,11 @@ def test_weights_file_for_wrong_architecture_fails_strictly(tmp_path):
 
 
 def test_offline_without_package_fails_fast_and_lists_sources(offline, monkeypatch):
-    monkeypatch.setattr(weights, "_copy_from_timm", pytest.fail)  # must never reach the network
+    backbone = _backbone("resnet18")
+    _no_hub_download(monkeypatch)  # must never reach the network
     start = time.monotonic()
     with pytest.raises(PretrainedWeightsError) as info:
-        load_pretrained_weights(_backbone("resnet18"), "resnet18")
+        load_pretrained_weights(backbone, "resnet18")
     assert time.monotonic() - start < 3
     message = str(info.value)
     for expected in ("offline weight packages", "Hugging Face cache", "timm hub", "HF_HUB_OFFLINE=1",
@@ -224,15 +260,16 @@ def test_offline_without_package_fails_fast_and_lists_sources(offline, monkeypat
         assert expected in message, expected
 
 
-def test_unreachable_hub_is_probed_with_a_short_timeout(monkeypatch):
+def test_unreachable_hub_is_probed_with_a_short_timeout(monkeypatch, tmp_path):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(weights, "_hub_cached_file", lambda model_name: None)
-    monkeypatch.setattr(weights, "_copy_from_timm", pytest.fail)
-    monkeypatch.setattr(weights, "_HUB_HOST", ("hub.invalid", 443))  # RFC 2606: never resolves
-    monkeypatch.setattr(weights, "_HUB_PROBE_TIMEOUT_S", 0.5)
+    _hugging_face_cache(monkeypatch, tmp_path / "empty-hf-cache")
+    backbone = _backbone("resnet18")
+    _no_hub_download(monkeypatch)
+    monkeypatch.setattr(weights, "HUB_HOST", ("hub.invalid", 443))  # RFC 2606: never resolves
+    monkeypatch.setattr(weights, "HUB_PROBE_TIMEOUT_S", 0.5)
     start = time.monotonic()
     with pytest.raises(PretrainedWeightsError, match="hub.invalid:443 unreachable"):
-        load_pretrained_weights(_backbone("resnet18"), "resnet18")
+        load_pretrained_weights(backbone, "resnet18")
     assert time.monotonic() - start < 3
 
 
@@ -240,9 +277,15 @@ def test_hugging_face_cache_is_used_offline(offline, monkeypatch, tmp_path):
     from safetensors.torch import save_file
 
     source = _backbone("resnet18", num_classes=1000)
-    cached = tmp_path / "model.safetensors"
+    # the Hugging Face cache layout: models--<org>--<name>/refs/main -> snapshots/<revision>/<file>
+    repo_id = timm.models.get_pretrained_cfg("resnet18").hf_hub_id
+    revision = "0" * 40
+    repo = _hugging_face_cache(monkeypatch, tmp_path / "hf-cache") / f"models--{repo_id.replace('/', '--')}"
+    cached = repo / "snapshots" / revision / "model.safetensors"
+    cached.parent.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
     save_file(source.state_dict(), str(cached))
-    monkeypatch.setattr(weights, "_hub_cached_file", lambda model_name: cached)
     backbone = _backbone("resnet18")
     with torch.no_grad():
         backbone.conv1.weight.zero_()

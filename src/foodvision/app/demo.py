@@ -31,6 +31,7 @@ from omegaconf import DictConfig
 from foodvision.app.template import unknown_fact
 from foodvision.cli import required, run_tool
 from foodvision.config import CONFIG_DIR
+from foodvision.data.roots import resolve_eval_data
 from foodvision.errors import ToolError
 from foodvision.inference.batches import infer_files
 from foodvision.inference.calibration import is_unknown
@@ -116,7 +117,6 @@ def example_photos(cfg: DictConfig, run_dir: Path, class_names: Sequence[str], c
     if count <= 0:
         return []
     from foodvision.data.datamodule import FoodDataModule
-    from foodvision.evaluation.evaluate import resolve_eval_data
 
     try:
         data_args, _ = resolve_eval_data(cfg, run_dir)

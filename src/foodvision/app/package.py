@@ -21,9 +21,11 @@ from typing import Any
 from omegaconf import DictConfig
 
 from foodvision.app import template as app_template
+from foodvision.app.demo import example_name, example_photos
 from foodvision.atomic import ensure_dir, finite_json, write_text, write_with
 from foodvision.errors import ToolError
-from foodvision.inference.checkpoints import ModelInfo, run_dir_of
+from foodvision.inference.checkpoints import ModelInfo, load_checkpoint_model, run_dir_of
+from foodvision.inference.export import check_export, export_onnx
 
 log = logging.getLogger(__name__)
 
@@ -143,9 +145,6 @@ def unknown_note(info: ModelInfo) -> str:
 
 def export_app(cfg: DictConfig, ckpt_path: Path, output: Path) -> dict[str, Any]:
     """Write the app folder; returns what export.py prints and returns."""
-    from foodvision.app.demo import example_name, example_photos
-    from foodvision.inference.checkpoints import load_checkpoint_model
-    from foodvision.inference.export import check_export, export_onnx
 
     model, info, checkpoint = load_checkpoint_model(ckpt_path)
     model = model.float().eval()

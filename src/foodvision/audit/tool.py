@@ -31,6 +31,7 @@ from foodvision.config import CONFIG_DIR
 from foodvision.data.datamodule import FoodDataModule
 from foodvision.data.duplicates import AUDIT_KIND
 from foodvision.data.fingerprints import Fingerprint, fingerprints
+from foodvision.data.roots import resolve_data_root
 from foodvision.data.splits import SPLITS
 from foodvision.errors import ToolError
 
@@ -45,8 +46,6 @@ WEAK_HEAD = 0.6
 # ---- the data, as training would split it ----------------------------------------------------------------
 def audit_datamodule(cfg: DictConfig) -> FoodDataModule:
     """The FoodDataModule of ``cfg.data`` (root found as train.py finds it), writing nothing to a run dir."""
-    from foodvision.training.fit import resolve_data_root
-
     container = OmegaConf.create({"seed": cfg.seed, "paths": cfg.paths, "data": cfg.data})
     OmegaConf.set_struct(container, False)
     container.data.augment = None

@@ -9,7 +9,6 @@ a fixed order, so re-running gives identical files.
 from __future__ import annotations
 
 import csv
-import inspect
 import json
 import logging
 import math
@@ -21,27 +20,27 @@ import hydra
 import numpy as np
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf, open_dict
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import DictConfig
 
 from foodvision.atomic import atomic_open, ensure_dir, finite_json, write_text
 from foodvision.cli import required, run_tool
 from foodvision.config import CONFIG_DIR
 from foodvision.data.datamodule import FoodDataModule
 from foodvision.data.images import load_rgb
-from foodvision.data.splits import SPLITS
+from foodvision.data.roots import (
+    normalise_split,
+    resolve_eval_data,
+)
 from foodvision.errors import ClassMismatchError, ToolError
 from foodvision.evaluation import trust
 from foodvision.evaluation.figures import confusion_figure, plt, save_figure
 from foodvision.inference.batches import Stream, stream_files
+from foodvision.inference.calibration import Calibration
 from foodvision.inference.checkpoints import run_dir_of
 from foodvision.inference.predictor import predictor_from_config
 
 log = logging.getLogger(__name__)
 
-SPLIT_ALIASES = {"validation": "val", "valid": "val"}
-# Keys of the `data` block of conf/eval.yaml that are eval options, not FoodDataModule arguments.
-EVAL_ONLY_DATA_KEYS = ("split",)
 PREDICTION_COLUMNS = ("file", "true", "predicted", "confidence")
 
 
@@ -116,104 +115,7 @@ def split_metrics(split: str, totals: RunningMetrics, scores: Mapping[str, Any])
     return {metric_name(split, k): float(v) for k, v in values.items()}
 
 
-# ---- where: run dir, data, classes ---------------------------------------------------------------------
-def normalise_split(split: str) -> str:
-    split = SPLIT_ALIASES.get(str(split), str(split))
-    if split not in SPLITS:
-        raise ToolError(f"data.split must be one of {', '.join(SPLITS)} (or validation), got {split!r}")
-    return split
-
-
-def load_run_config(path: Path) -> DictConfig:
-    """A run's stored ``config.yaml``, as data: a ToolError naming the file when it is not a YAML mapping."""
-    try:
-        loaded = OmegaConf.load(path)
-    except Exception as error:  # noqa: BLE001 - yaml and omegaconf raise many types for a damaged file
-        raise ToolError(f"cannot read {path}: {type(error).__name__}: {error}".splitlines()[0]) from None
-    if not isinstance(loaded, DictConfig) or not isinstance(loaded.get("data"), DictConfig):
-        raise ToolError(f"{path} is not a foodvision run config (it has no data section)")
-    return loaded
-
-
-def reject_targets(data: Any, where: str, key: str = "data") -> None:
-    """A ToolError naming the first ``_target_`` in ``data`` other than ``data._target_`` naming
-    FoodDataModule. A stored config (a downloaded run's) is read as data: foodvision builds FoodDataModule
-    itself and never lets a config choose a callable (``pathlib.Path.write_text``, ...)."""
-    if isinstance(data, Mapping):
-        for name, value in data.items():
-            path = f"{key}.{name}"
-            if name == "_target_":
-                if key == "data" and isinstance(value, str) and value.split(".")[0] == "foodvision":
-                    if value.rsplit(".", 1)[-1] == FoodDataModule.__name__:
-                        continue
-                raise ToolError(
-                    f"{where}: {path}={value!r} is refused: foodvision reads a run's config as data and never "
-                    f"creates objects a config names; delete {path} (or evaluate with data=imagefolder "
-                    "data.root=...)"
-                )
-            reject_targets(value, where, path)
-    elif isinstance(data, (list, tuple)):
-        for index, value in enumerate(data):
-            reject_targets(value, where, f"{key}[{index}]")
-
-
-def resolve_eval_data(cfg: DictConfig, run_dir: Path | None) -> tuple[dict[str, Any], str]:
-    """FoodDataModule arguments and where they came from.
-
-    ``data=<group>`` on the command line: that group. Otherwise the run's ``config.yaml`` data section,
-    else ``conf/data/food101.yaml``; the non-null keys of this config's ``data`` block override either.
-    """
-    from foodvision.training.fit import (
-        resolve_data_root,  # lazily: the training stack is not needed before this
-    )
-
-    user = OmegaConf.to_container(cfg.data, resolve=False)
-    chosen_group = "_target_" in user
-    run_config = run_dir / "config.yaml" if run_dir is not None else None
-    if chosen_group:
-        container = OmegaConf.create({"seed": cfg.seed, "paths": cfg.paths, "data": cfg.data})
-        origin = "data config from the command line"
-    elif run_config is not None and run_config.is_file():
-        container = load_run_config(run_config)
-        origin = f"the run's data ({run_config})"
-        for key, value in user.items():
-            if value is not None and key not in EVAL_ONLY_DATA_KEYS:
-                container.data[key] = value
-        # A run's config names where it wrote; an eval writes its image-check verdicts where this tool does.
-        container.data.cache_dir = OmegaConf.select(cfg, "paths.cache_dir", default=None)
-    else:
-        container = OmegaConf.create(
-            {
-                "seed": cfg.seed,
-                "paths": cfg.paths,
-                "data": OmegaConf.load(Path(CONFIG_DIR) / "data" / "food101.yaml"),
-            }
-        )
-        origin = "Food-101 default (no config.yaml next to the checkpoint)"
-        for key, value in user.items():
-            if value is not None and key not in EVAL_ONLY_DATA_KEYS:
-                container.data[key] = value
-    OmegaConf.set_struct(container, False)
-    container.data.augment = None
-    container.data.output_dir = None
-    with open_dict(container):
-        resolve_data_root(container)
-    where = str(run_config) if origin.startswith("the run's") else "the data config"
-    try:
-        data = OmegaConf.to_container(container.data, resolve=True)
-    except OmegaConfBaseException as error:  # an interpolation a stored config cannot resolve here
-        raise ToolError(f"{where}: cannot read its data section: {error}".splitlines()[0]) from None
-    reject_targets(data, where)
-    for key in EVAL_ONLY_DATA_KEYS:
-        data.pop(key, None)
-    # A run's config.yaml may come from an older or newer foodvision: keep what FoodDataModule takes.
-    accepted = set(inspect.signature(FoodDataModule.__init__).parameters) | {"_target_"}
-    dropped = sorted(set(data) - accepted)
-    if dropped:
-        log.info("data options this version does not know, ignored: %s", ", ".join(dropped))
-    return {k: v for k, v in data.items() if k in accepted}, origin
-
-
+# ---- classes ------------------------------------------------------------------------------------------
 def _names(names: Sequence[str], limit: int = 12) -> str:
     names = list(names)
     more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
@@ -490,6 +392,21 @@ def _workers(cfg: DictConfig) -> int:
 
     workers = cfg.get("num_workers")
     return default_num_workers() if workers is None else int(workers)
+
+
+def calibrate_checkpoint(cfg: Any, ckpt_path: str | Path) -> Calibration:
+    """``eval.py``'s calibration step alone, for a checkpoint (train.py: the run's ``last.ckpt`` besides
+    the tested best one): its run's val split, as eval finds the data."""
+    predictor, batch_size = predictor_from_config(cfg, ckpt_path)
+    data_args, _ = resolve_eval_data(cfg, run_dir_of(predictor.path))
+    datamodule = FoodDataModule(**{k: v for k, v in data_args.items() if k != "_target_"})
+    splits = datamodule.discover()
+    to_model = match_classes(
+        predictor.class_names, splits.classes, f"model {predictor.path.name}", "the val data"
+    )
+    files = [str(path) for path, _ in splits.splits["val"]]
+    labels = np.array([to_model[label] for _, label in splits.splits["val"]], dtype=np.int64)
+    return trust.calibrate_predictor(predictor, files, labels, cfg, batch_size, _workers(cfg), str(datamodule.root))
 
 
 def _print_summary(metrics: Mapping[str, Any], out: Path, speed: float) -> None:

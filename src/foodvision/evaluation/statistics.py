@@ -18,7 +18,7 @@ DEFAULT_RESAMPLES = 1000
 DEFAULT_LEVEL = 0.95
 DEFAULT_SEED = 0
 # Resamples drawn at once: memory is chunk x photos indices plus chunk x classes^2 counts.
-_CHUNK_CELLS = 4_000_000
+CHUNK_CELLS = 4_000_000
 
 
 def _f1_from_confusions(confusions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -60,7 +60,7 @@ def bootstrap_intervals(
     rng = np.random.default_rng(seed)
     cell = true * k + predicted
     accuracies, f1s = [], []
-    chunk = max(1, min(int(resamples), _CHUNK_CELLS // max(n, k * k)))
+    chunk = max(1, min(int(resamples), CHUNK_CELLS // max(n, k * k)))
     done = 0
     while done < resamples:
         size = min(chunk, resamples - done)

@@ -19,12 +19,14 @@ import numpy as np
 import torch
 
 from foodvision.errors import ToolError
+from foodvision.evaluation.figures import plt, save_figure
 from foodvision.evaluation.statistics import DEFAULT_LEVEL, DEFAULT_RESAMPLES, bootstrap_intervals
+from foodvision.inference import calibration as cal
 from foodvision.inference.batches import Stream, stream_files
 from foodvision.inference.calibration import Calibration
 from foodvision.inference.checkpoints import save_calibration
+from foodvision.inference.predict import collect_inputs
 from foodvision.inference.predictor import Predictor
-from foodvision.inference import calibration as cal
 
 log = logging.getLogger(__name__)
 
@@ -133,26 +135,6 @@ def calibrate_predictor(
     return fitted
 
 
-def calibrate_checkpoint(cfg: Any, ckpt_path: str | Path) -> Calibration:
-    """``eval.py``'s calibration step alone, for a checkpoint (train.py: the run's ``last.ckpt`` besides
-    the tested best one): its run's val split, as eval finds the data."""
-    from foodvision.data.datamodule import FoodDataModule
-    from foodvision.evaluation.evaluate import _workers, match_classes, resolve_eval_data
-    from foodvision.inference.checkpoints import run_dir_of
-    from foodvision.inference.predictor import predictor_from_config
-
-    predictor, batch_size = predictor_from_config(cfg, ckpt_path)
-    data_args, _ = resolve_eval_data(cfg, run_dir_of(predictor.path))
-    datamodule = FoodDataModule(**{k: v for k, v in data_args.items() if k != "_target_"})
-    splits = datamodule.discover()
-    to_model = match_classes(
-        predictor.class_names, splits.classes, f"model {predictor.path.name}", "the val data"
-    )
-    files = [str(path) for path, _ in splits.splits["val"]]
-    labels = np.array([to_model[label] for _, label in splits.splits["val"]], dtype=np.int64)
-    return calibrate_predictor(predictor, files, labels, cfg, batch_size, _workers(cfg), str(datamodule.root))
-
-
 # ---- what eval measures ----------------------------------------------------------------------------------------
 class TrustTotals:
     """Per photo of an eval pass (a few numbers each, never the logits): true and predicted class, top
@@ -254,8 +236,6 @@ def outside_scores(
 ) -> tuple[dict[str, np.ndarray], int]:
     """The unknown scores of the ``outside=`` photos (files, folders, globs: as predict.py's inputs), and
     how many could not be read."""
-    from foodvision.inference.predict import collect_inputs
-
     found = collect_inputs(inputs)
     if not found.files:
         first = found.problems[0] if found.problems else ("outside", "no photos")
@@ -274,8 +254,6 @@ def outside_scores(
 def reliability_figure(bins: Sequence[dict[str, float]], uncalibrated: float, calibrated: float, title: str):
     """Accuracy against mean confidence per confidence bin (bars), the diagonal of perfect calibration, and
     the share of photos per bin."""
-    from foodvision.evaluation.figures import plt
-
     fig, (ax, counts) = plt.subplots(
         2, 1, figsize=(5.2, 5.6), dpi=100, sharex=True, gridspec_kw={"height_ratios": [3, 1]}
     )
@@ -314,8 +292,6 @@ def reliability_figure(bins: Sequence[dict[str, float]], uncalibrated: float, ca
 def write_reliability(
     out: Path, bins: Sequence[dict[str, float]], metrics: dict[str, Any], split: str
 ) -> None:
-    from foodvision.evaluation.figures import save_figure
-
     save_figure(
         reliability_figure(
             bins,

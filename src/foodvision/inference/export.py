@@ -20,14 +20,12 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import hydra
 import torch
 from omegaconf import DictConfig
 from torch import nn
 
 from foodvision.atomic import atomic_open, ensure_dir, write_with
-from foodvision.cli import required, run_tool
-from foodvision.config import CONFIG_DIR
+from foodvision.cli import required
 from foodvision.errors import ToolError
 from foodvision.inference.checkpoints import (
     META_KEY,
@@ -139,22 +137,19 @@ def check_export(model: nn.Module, info: ModelInfo, output: Path, tolerance: flo
     return difference
 
 
-def export(cfg: DictConfig) -> dict[str, Any]:
-    if cfg.get(
-        "quantize"
-    ):  # quantize=int8: this export in float32, then its INT8 model (foodvision.inference.quantize)
-        from foodvision.inference.quantize import export_int8
-
-        return export_int8(cfg, export)
-    ckpt_path = Path(required(cfg, "ckpt_path", "ckpt_path=<run>/checkpoints/last.ckpt")).expanduser()
-    fmt = str(cfg.get("format", "torchscript")).lower()
+def check_format(cfg: DictConfig) -> str:
+    """``cfg.format``, lower-cased, or a ToolError naming the formats."""
+    fmt = str(cfg.get("format", "onnx")).lower()
     if fmt not in FORMATS:
         raise ToolError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    if fmt == "app":
-        from foodvision.app.package import export_app
+    return fmt
 
-        output = Path(cfg.output).expanduser() if cfg.get("output") else default_output(ckpt_path, fmt)
-        return export_app(cfg, ckpt_path, output)
+
+def export_model(cfg: DictConfig) -> dict[str, Any]:
+    """One model file of a checkpoint (``format=onnx|torchscript``), checked against it; the other formats
+    (``quantize=int8``, ``format=app``) build on it in :mod:`foodvision.cli.export`."""
+    ckpt_path = Path(required(cfg, "ckpt_path", "ckpt_path=<run>/checkpoints/last.ckpt")).expanduser()
+    fmt = check_format(cfg)
     model, info, _ = load_checkpoint_model(ckpt_path)
     model = model.float().eval()
     output = Path(cfg.output).expanduser() if cfg.get("output") else default_output(ckpt_path, fmt)
@@ -180,12 +175,3 @@ def export(cfg: DictConfig) -> dict[str, Any]:
         flush=True,
     )
     return result
-
-
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="export")
-def main(cfg: DictConfig) -> None:
-    run_tool(export, cfg)
-
-
-if __name__ == "__main__":
-    main()

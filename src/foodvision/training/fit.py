@@ -35,18 +35,19 @@ from foodvision.config.check import ConfigError, check_train_config
 from foodvision.config.recipe import recipe_summary
 from foodvision.data.datamodule import FoodDataModule
 from foodvision.data.mixing import mixing_settings
-from foodvision.data.sources import DataLayoutError, default_food101_root
+from foodvision.data.roots import data_root_of, resolve_data_root
 from foodvision.errors import ModelLoadError
+from foodvision.evaluation.evaluate import calibrate_checkpoint, evaluate
 from foodvision.hardware import auto_precision
 from foodvision.inference.checkpoints import checkpoint_info, read_checkpoint
 from foodvision.runs.sweep import run_trial
+from foodvision.training.callbacks.build import build_callbacks
 from foodvision.training.callbacks.checkpointing import use_atomic_checkpoints
 from foodvision.training.module import LitClassifier
 from foodvision.training.resume import (
     HeldRunLog,
     check_not_finished,
     find_last,
-    normalized_root,
     remove_unused_run_dir,
     resume_target,
     run_identity,
@@ -70,40 +71,6 @@ def resolve_precision(precision: Any, accelerator: str) -> Any:
         return precision
     on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
     return auto_precision("cuda" if on_gpu else "cpu")
-
-
-def food101_candidates(root_dir: str) -> list[str | Path]:
-    """Where a null Food-101 ``data.root`` is looked for: $FOOD101_ROOT, data/food-101,
-    ../shared/data/food101-mini/food-101."""
-    base = Path(root_dir)
-    return [
-        os.environ.get("FOOD101_ROOT", ""),
-        base / "data" / "food-101",
-        base / "../shared/data/food101-mini/food-101",
-    ]
-
-
-def data_root_of(data: Mapping[str, Any], root_dir: str) -> Any:
-    """The data root a run with these ``data`` settings reads: ``data.root``, else (Food-101) the default
-    one (:func:`food101_candidates`; None when there is none)."""
-    root = data.get("root")
-    if data.get("source") != "food101" or root is not None or data.get("download"):
-        return root
-    try:
-        return str(default_food101_root(food101_candidates(root_dir)).resolve())
-    except DataLayoutError:
-        return None
-
-
-def resolve_data_root(cfg: DictConfig) -> None:
-    """A null Food-101 data.root becomes the default one (:func:`food101_candidates`), or an error saying
-    how to get it; a data.root is made absolute, so the run's config.yaml names its data wherever it is read."""
-    if OmegaConf.is_missing(cfg.data, "root"):
-        return
-    if cfg.data.source == "food101" and cfg.data.root is None and not cfg.data.get("download"):
-        cfg.data.root = str(default_food101_root(food101_candidates(cfg.paths.root_dir)).resolve())
-    if not OmegaConf.is_interpolation(cfg.data, "root"):  # ${...} roots resolve where they are read
-        cfg.data.root = normalized_root(cfg.data.root)
 
 
 def resume_identity(cfg: DictConfig) -> tuple[dict[str, Any], Callable[[Mapping[str, Any]], Any]]:
@@ -208,17 +175,6 @@ def accept_resume(
             "them, so the run no longer repeats the uninterrupted one)",
             splits,
         )
-
-
-def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
-    """Every ``callbacks.<name>`` with a ``_target_`` (conf/callbacks/*.yaml), in config order; a target
-    may build nothing (``callbacks.ema.enabled=false``)."""
-    built = [
-        hydra.utils.instantiate(c, _convert_="all")
-        for c in (cfg.get("callbacks") or {}).values()
-        if c and "_target_" in c
-    ]
-    return [c for c in built if c is not None]
 
 
 def build_module(cfg: DictConfig, datamodule: FoodDataModule) -> LitClassifier:
@@ -347,8 +303,6 @@ def evaluate_best_checkpoint(cfg: DictConfig, trainer: L.Trainer, run_dir: Path)
     same metrics, keys and files (``<run>/eval-test/``) as ``python eval.py ckpt_path=<it>`` gives. With
     ``eval.calibrate`` (the default) its temperature and unknown threshold are fitted on the val split
     first and saved in it (and in ``last.ckpt``): :mod:`foodvision.evaluation.trust`."""
-    from foodvision.evaluation.evaluate import evaluate
-
     checkpoint_callback = trainer.checkpoint_callback
     best = getattr(checkpoint_callback, "best_model_path", "") if checkpoint_callback else ""
     last = run_dir / "checkpoints" / "last.ckpt"
@@ -375,10 +329,7 @@ def evaluate_best_checkpoint(cfg: DictConfig, trainer: L.Trainer, run_dir: Path)
     log.info("testing %s on the test split (eval.py's code) -> %s", checkpoint, eval_cfg.output_dir)
     result = evaluate(eval_cfg)
     if eval_cfg.get("calibrate") and last.is_file() and last.resolve() != Path(checkpoint).resolve():
-        from foodvision.evaluation.trust import (
-            calibrate_checkpoint,  # last.ckpt is served too: its own calibration
-        )
-
+        # last.ckpt is served too: its own calibration
         calibrate_checkpoint(eval_cfg, last)
     tested = {k: v for k, v in result.items() if k.startswith("test/")}
     tested.update(

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any
 import yaml
 
 from foodvision.config.check import ConfigError
+from foodvision.data.roots import normalized_root
 
 log = logging.getLogger(__name__)
 
@@ -70,14 +70,6 @@ def _leaves(value: Any, prefix: str) -> dict[str, Any]:
             flat.update(_leaves(item, f"{prefix}.{key}"))
         return flat
     return {prefix: value}
-
-
-def normalized_root(root: Any) -> Any:
-    """A data root as an absolute path (``~`` expanded; relative to the working directory); an unresolved
-    interpolation (``${oc.env:...}``) stays as written."""
-    if isinstance(root, str) and "${" not in root:
-        return os.path.abspath(os.path.expanduser(root))
-    return root
 
 
 def run_identity(config: Mapping[str, Any], data_root: Any) -> dict[str, Any]:

@@ -36,6 +36,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from foodvision.atomic import write_json, write_with
 from foodvision.config.check import ConfigError
+from foodvision.training.callbacks.build import build_callbacks
 
 log = logging.getLogger(__name__)
 
@@ -163,8 +164,6 @@ def plot_lr_curve(result: dict[str, Any], path: Path) -> None:
 def _tuning_trainer(cfg: DictConfig, run_dir: Path, extra: list[L.Callback], stage: int) -> L.Trainer:
     """A trainer like the run's, with only the callbacks that decide what trains (fine-tuning, feature cache,
     epoch seed) and no logger or checkpoints; ``stage`` 1: stage 1 throughout; 2: stage 2 from the start."""
-    from foodvision.training.fit import build_callbacks
-
     every = OmegaConf.to_container(cfg.get("callbacks") or {}, resolve=True)
     callbacks_cfg = OmegaConf.create(
         {k: v for k, v in every.items() if k in ("finetune", "feature_cache") and v}
