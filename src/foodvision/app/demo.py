@@ -25,12 +25,11 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import hydra
 from omegaconf import DictConfig
 
-from foodvision.app.template import unknown_fact
-from foodvision.cli import required, run_tool
-from foodvision.config import CONFIG_DIR
+from foodvision.app.template import Answer, build_demo, launch, unknown_fact
+from foodvision.cli import required
+from foodvision.data.datamodule import FoodDataModule
 from foodvision.data.roots import resolve_eval_data
 from foodvision.errors import ToolError
 from foodvision.inference.batches import infer_files
@@ -116,7 +115,6 @@ def example_photos(cfg: DictConfig, run_dir: Path, class_names: Sequence[str], c
     (and a log line saying why) when the run's data is not at hand."""
     if count <= 0:
         return []
-    from foodvision.data.datamodule import FoodDataModule
 
     try:
         data_args, _ = resolve_eval_data(cfg, run_dir)
@@ -156,7 +154,6 @@ def copy_examples(photos: Sequence[str], folder: Path) -> list[str]:
 def predict_files_with(predictor: Predictor) -> Any:
     """``paths -> [Answer (calibrated probabilities, not sure or not) or a message]`` through foodvision's
     own reading and preprocessing (the same as predict.py)."""
-    from foodvision.app.template import Answer
 
     def predict_files(paths: Sequence[str]) -> list[Any]:
         result = infer_files(predictor, list(paths), batch_size=32, num_workers=0, progress=False)
@@ -179,7 +176,6 @@ def predict_files_with(predictor: Predictor) -> Any:
 
 
 def build(cfg: DictConfig, predictor: Predictor, example_dir: Path) -> Any:
-    from foodvision.app.template import build_demo
 
     import_gradio()
     run_dir = run_dir_of(predictor.path)
@@ -201,7 +197,6 @@ def serve(cfg: DictConfig) -> Any:
     """Build the demo and launch it; blocks until interrupted unless ``block=false`` (then returns it)."""
     ckpt_path = required(cfg, "ckpt_path", "ckpt_path=lightning_logs/runs/<run>/checkpoints/last.ckpt")
     import_gradio()
-    from foodvision.app.template import launch
 
     started = time.perf_counter()
     device = resolve_device(cfg.get("device", "auto"))
@@ -283,12 +278,3 @@ def _terminate_as_interrupt(active: bool) -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="serve")
-def main(cfg: DictConfig) -> None:
-    run_tool(serve, cfg)
-
-
-if __name__ == "__main__":
-    main()

@@ -27,6 +27,8 @@ from foodvision.data.images import load_rgb
 from foodvision.data.transforms import Preprocessing
 from foodvision.data.verify import image_list_digest
 from foodvision.inference.engine import ChunkedForward, onnxruntime_or_none, resolve_engine, torch_max_batch
+from foodvision.models.classifier import build_classifier
+from foodvision.training.callbacks.feature_cache import state_digest
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +59,6 @@ def build_backbone(
 ) -> tuple[torch.nn.Module, Preprocessing, str]:
     """The model config's backbone (pretrained weights as training loads them), its preprocessing and where
     its weights came from."""
-    from foodvision.models.classifier import build_classifier
 
     options = {k: v for k, v in dict(model).items() if k not in ("class_weights", "test_time_flip")}
     options["image_size"] = image_size
@@ -68,7 +69,6 @@ def build_backbone(
 def features_key(
     name: str, backbone: torch.nn.Module, preprocessing: Preprocessing, paths: Sequence[str], engine: str
 ) -> str:
-    from foodvision.training.callbacks.feature_cache import state_digest
 
     payload = {
         "format": FEATURES_FORMAT,

@@ -1,5 +1,5 @@
 """``audit.html``: the audit as one self-contained page in the frame of eval's ``report.html`` (same CSS and
-HTML helpers, :mod:`foodvision.evaluation.report`): headline counts, class balance, duplicate groups and likely label
+HTML helpers, :mod:`foodvision.pages`): headline counts, class balance, duplicate groups and likely label
 errors as thumbnails side by side, and the file statistics. Thumbnails are embedded (base64 JPEG), so the
 page can be opened anywhere or mailed."""
 
@@ -10,7 +10,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from foodvision.evaluation.report import data_uri, esc, html_page, jpeg_bytes
+from foodvision.data.images import load_rgb
+from foodvision.pages import data_uri, esc, html_page, jpeg_bytes
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,6 @@ EXTRA_CSS = """<style>
 
 def thumbnail(path: str, side: int) -> str:
     """A data URI of the photo scaled to fit ``side`` px, or "" when it cannot be read."""
-    from foodvision.data.images import load_rgb
 
     try:
         image = load_rgb(path, draft_size=(side, side))

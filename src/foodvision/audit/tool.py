@@ -20,15 +20,15 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from foodvision.atomic import ensure_dir, write_json, write_text
+from foodvision.audit.features import pooled_features
+from foodvision.audit.labels import head_accuracy, label_issues, out_of_fold_probabilities
 from foodvision.audit.neighbours import cosine_pairs, join_pairs, phash_pairs
-from foodvision.cli import run_tool
-from foodvision.config import CONFIG_DIR
-from foodvision.data.datamodule import FoodDataModule
+from foodvision.audit.page import audit_page
+from foodvision.data.datamodule import FoodDataModule, default_num_workers
 from foodvision.data.duplicates import AUDIT_KIND
 from foodvision.data.fingerprints import Fingerprint, fingerprints
 from foodvision.data.roots import resolve_data_root
@@ -168,7 +168,6 @@ def find_label_issues(
     options: Mapping[str, Any],
     seed: int,
 ) -> dict[str, Any]:
-    from foodvision.audit.labels import head_accuracy, label_issues, out_of_fold_probabilities
 
     kept = np.flatnonzero(readable)
     labels = np.array([rows[i]["label"] for i in kept], dtype=np.int64)
@@ -328,8 +327,6 @@ def run_audit(cfg: DictConfig) -> dict[str, Any]:
     features = readable = None
     facts: dict[str, Any] = {}
     if cfg.features.enabled:
-        from foodvision.audit.features import pooled_features
-
         t = time.perf_counter()
         model = OmegaConf.to_container(cfg.model, resolve=True)
         features, readable, facts = pooled_features(
@@ -385,7 +382,6 @@ def run_audit(cfg: DictConfig) -> dict[str, Any]:
         "timing": timing,
     }
     write_json(out / "audit.json", audit)
-    from foodvision.audit.page import audit_page
 
     write_text(out / "audit.html", audit_page(audit, cfg.html))
     print(summary_text(audit, out), flush=True)
@@ -394,7 +390,6 @@ def run_audit(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _default_workers() -> int:
-    from foodvision.data.datamodule import default_num_workers
 
     return default_num_workers()
 
@@ -433,12 +428,3 @@ def summary_text(audit: Mapping[str, Any], out: Path) -> str:
         f"audit: {out / 'audit.json'}\n       {out / 'audit.html'} ({audit['timing']['total_seconds']:.1f} s)"
     )
     return "\n".join(lines)
-
-
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="audit")
-def main(cfg: DictConfig) -> None:
-    run_tool(run_audit, cfg)
-
-
-if __name__ == "__main__":
-    main()

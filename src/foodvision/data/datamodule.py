@@ -14,8 +14,18 @@ from torch.utils.data import DataLoader, Dataset
 
 from foodvision.atomic import ensure_dir, write_text
 from foodvision.data.balance import balance_samples, check_balance_mode, class_counts
+from foodvision.data.batched import BatchedTransform, decode_batch
 from foodvision.data.cached import CachedInputs
-from foodvision.data.datasets import ImageListDataset, collate_skipping_none, read_bad_images_log
+from foodvision.data.datasets import (
+    DecodedPhotoDataset,
+    EncodedFileDataset,
+    ImageListDataset,
+    RawBatch,
+    collate_skipping_none,
+    read_bad_images_log,
+    record_bad_image,
+)
+from foodvision.data.decoded import load_or_build_decoded, photo_side
 from foodvision.data.duplicates import (
     DUPLICATES_FILE,
     EXCLUDED_FILE,
@@ -24,6 +34,8 @@ from foodvision.data.duplicates import (
     check_duplicates_mode,
     exclude_label_issues,
 )
+from foodvision.data.fingerprints import content_digests
+from foodvision.data.images import BadImageError
 from foodvision.data.mixing import mixes_images
 from foodvision.data.sampling import EpochShuffleSampler, iterator_seed_generator
 from foodvision.data.sources import DataLayoutError, DatasetSplits, discover_food101, discover_image_folder
@@ -34,6 +46,16 @@ from foodvision.data.verify import BadImagesError, describe_bad_images, find_bad
 from foodvision.hardware import cpu_cores
 
 log = logging.getLogger(__name__)
+
+# data.pipeline: how training images reach the model (see conf/data/food101.yaml).
+#   pil:     loader workers decode and transform each photo with PIL (ImageListDataset);
+#   tensor:  workers read the files' bytes; decode and transform run batched on the training device;
+#   decoded: workers read rows of the decoded-photo cache (each photo decoded once, foodvision.data.decoded);
+#            the transform runs batched on the training device;
+#   auto:    AUTO_PIPELINE's choice for the training device.
+PIPELINES = ("auto", "pil", "tensor", "decoded")
+# What auto chooses, by the training device's type; measured in bench/tensor_path.py (README, data path).
+AUTO_PIPELINE = {"cuda": "tensor", "cpu": "decoded"}
 
 
 def default_num_workers() -> int:
@@ -92,10 +114,14 @@ class FoodDataModule(L.LightningDataModule):
         group_duplicates: bool = True,
         duplicates: str = "warn",
         exclude_label_issues: str | None = None,
+        pipeline: str = "auto",
     ):
         super().__init__()
         if source not in ("food101", "imagefolder"):
             raise ValueError(f"data.source must be 'food101' or 'imagefolder', got {source!r}")
+        if pipeline not in PIPELINES:
+            raise ValueError(f"data.pipeline must be one of {', '.join(PIPELINES)}, got {pipeline!r}")
+        self.pipeline = pipeline
         self.source = source
         self.root = root
         self.fractions = tuple(fractions)
@@ -131,6 +157,14 @@ class FoodDataModule(L.LightningDataModule):
         self.datasets: dict[str, Dataset] = {}
         # Split name -> cached backbone outputs that replace its images (see use_cached).
         self._cached: dict[str, CachedInputs] = {}
+        # The tensor data path (data.pipeline): what setup resolved it to, its datasets (built when a
+        # split's loader is first wanted from images), batch transforms, and the decoded-photo cache
+        # entries this datamodule built or found (store paths).
+        self.resolved_pipeline: str | None = None
+        self._tensor_datasets: dict[str, EncodedFileDataset | DecodedPhotoDataset] = {}
+        self._batch_transforms: dict[bool, BatchedTransform] = {}
+        self.decoded_builds: list[str] = []
+        self.decoded_hits: list[str] = []
 
     # ---- discovery -------------------------------------------------------------------------
     def discover(self, save_splits: bool = True) -> DatasetSplits:
@@ -187,7 +221,6 @@ class FoodDataModule(L.LightningDataModule):
         one split (``data.group_duplicates``)."""
         if not self.group_duplicates:
             return None
-        from foodvision.data.fingerprints import content_digests
 
         cache = self.cache_dir / "fingerprints" if self.cache_dir is not None else None
         return content_digests(files, cache, progress=rank_zero_only.rank == 0)
@@ -265,6 +298,30 @@ class FoodDataModule(L.LightningDataModule):
             raise RuntimeError("FoodDataModule.preprocessing must be set from the model before setup()")
         self.verify_images()
         self.datasets = {split: self.image_dataset(split, augmented=split == "train") for split in SPLITS}
+        self.resolved_pipeline = self.resolve_pipeline(self._device_type())
+        if self.resolved_pipeline != "pil":
+            self._batch_transforms = {
+                train: BatchedTransform.from_config(self.preprocessing, self.augment, train=train)
+                for train in (True, False)
+            }
+
+    def _device_type(self) -> str:
+        return self.trainer.strategy.root_device.type if self.trainer is not None else "cpu"
+
+    def resolve_pipeline(self, device_type: str) -> str:
+        """``data.pipeline`` for a training device of ``device_type``: ``auto`` as :data:`AUTO_PIPELINE`
+        says; an augment preset the batched transform cannot do (``BatchedTransform.supports``) keeps the
+        PIL path, with a one-line notice."""
+        chosen = AUTO_PIPELINE.get(device_type, "tensor") if self.pipeline == "auto" else self.pipeline
+        if chosen != "pil" and not BatchedTransform.supports(self.augment):
+            log.info(
+                "data.pipeline=%s: augment=%s has no batched tensor version; training images take the PIL "
+                "path (data.pipeline=pil)",
+                self.pipeline,
+                self.augment.get("name"),
+            )
+            return "pil"
+        return chosen
 
     def image_dataset(
         self,
@@ -334,7 +391,7 @@ class FoodDataModule(L.LightningDataModule):
         in_process = {"generator": iterator_seed_generator(self.seed)}  # see iterator_seed_generator
         if isinstance(dataset, CachedInputs):  # a batch is one sorted read of its rows: no workers needed
             return DataLoader(dataset, collate_fn=dataset.collate, **options, **in_process)
-        if not isinstance(dataset, ImageListDataset):
+        if not isinstance(dataset, (ImageListDataset, EncodedFileDataset, DecodedPhotoDataset)):
             return DataLoader(dataset, **options, **in_process)
         workers = self.num_workers
         return DataLoader(
@@ -344,11 +401,91 @@ class FoodDataModule(L.LightningDataModule):
             num_workers=workers,
             persistent_workers=self.persistent_workers and workers > 0,
             pin_memory=self.pin_memory,
-            collate_fn=collate_skipping_none,
+            collate_fn=getattr(dataset, "collate", collate_skipping_none),
         )
 
+    def tensor_dataset(self, split: str) -> EncodedFileDataset | DecodedPhotoDataset:
+        """The tensor data path's dataset of ``split`` (train or val): its files' bytes
+        (``data.pipeline=tensor``), or rows of its decoded-photo cache, decoded now unless an earlier run
+        did (``decoded``). Built on first use, so that splits served from the feature cache cost nothing."""
+        if split in self._tensor_datasets:
+            return self._tensor_datasets[split]
+        assert self.preprocessing is not None
+        samples = self.discover().splits[split]
+        train = split == "train"
+        dataset: EncodedFileDataset | DecodedPhotoDataset
+        if self.resolved_pipeline == "tensor":
+            dataset = EncodedFileDataset(samples, train, self.skip_bad_images, self.bad_images_log)
+        else:
+            paths = [path for path, _ in samples]
+            decoded, built = load_or_build_decoded(
+                paths,
+                photo_side(self.preprocessing, self.augment if train else None),
+                self.preprocessing.interpolation,
+                self.cache_dir,
+                workers=self.num_workers,
+                skip_bad_images=self.skip_bad_images,
+                on_bad=lambda error: record_bad_image(self.bad_images_log, error),
+                progress=rank_zero_only.rank == 0,
+                what=f"{split} photos",
+            )
+            (self.decoded_builds if built else self.decoded_hits).append(str(decoded.store.path))
+            dataset = DecodedPhotoDataset(decoded.store, samples, decoded.rows(paths), train)
+        self._tensor_datasets[split] = dataset
+        return dataset
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        """A :class:`RawBatch` of the tensor data path is decoded (nvJPEG on CUDA) and transformed here,
+        batch-wise on the training device, into ``(images, targets)``; anything else moves as it is.
+
+        This hook rather than ``on_after_batch_transfer``: Lightning runs only one of the datamodule's and
+        the module's ``on_after_batch_transfer`` (the datamodule's), and the module's mixes batches
+        (MixUp/CutMix), which must stay on top of this; and the file bytes must stay on the host."""
+        if not isinstance(batch, RawBatch):
+            return super().transfer_batch_to_device(batch, device, dataloader_idx)
+        return self.prepare_batch(batch, device)
+
+    def prepare_batch(self, batch: RawBatch, device: torch.device | str = "cpu") -> tuple[Any, Any] | None:
+        """``(normalised float images [B, 3, S, S], targets)`` on ``device`` from a :class:`RawBatch`; the
+        augmentation draws are a function of (``data.seed``, the trainer's epoch, each photo's index).
+        ``None`` when every file of the batch was bad (``data.skip_bad_images``)."""
+        assert self.preprocessing is not None
+        device = torch.device(device)
+        targets, indices = batch.targets, batch.indices
+        if batch.photos is not None:
+            images: Any = batch.photos.to(device, non_blocking=True)
+        else:
+            assert batch.payloads is not None
+            side = photo_side(self.preprocessing, self.augment if batch.train else None)
+            images, kept = decode_batch(batch.payloads, batch.names, device, side, self.skip_bad_images)
+            if len(kept) < len(batch):
+                self._record_undecodable(batch, kept)
+                if not kept:
+                    return None
+                targets, indices = targets[kept], indices[kept]
+        epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        transform = self._batch_transforms[batch.train]
+        return transform(images, indices, epoch, self.seed), targets.to(device, non_blocking=True)
+
+    def _record_undecodable(self, batch: RawBatch, kept: list[int]) -> None:
+        """Name the files the batched decode left out (decoded alone once more, for the reason)."""
+        assert batch.payloads is not None
+        for position in sorted(set(range(len(batch))) - set(kept)):
+            try:
+                decode_batch([batch.payloads[position]], [batch.names[position]])
+                error = BadImageError(batch.names[position], "could not be decoded in its batch")
+            except BadImageError as bad:
+                error = bad
+            record_bad_image(self.bad_images_log, error)
+
     def _split_loader(self, split: str) -> DataLoader:
-        dataset: Dataset = self._cached[split] if split in self._cached else self.datasets[split]
+        dataset: Dataset
+        if split in self._cached:
+            dataset = self._cached[split]
+        elif self.resolved_pipeline not in (None, "pil"):
+            dataset = self.tensor_dataset(split)
+        else:
+            dataset = self.datasets[split]
         train = split == "train"
         return self.loader(dataset, shuffle=train, batch_size=None if train else self.eval_batch_size)
 

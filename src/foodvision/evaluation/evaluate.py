@@ -16,16 +16,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import hydra
 import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from foodvision.atomic import atomic_open, ensure_dir, finite_json, write_text
-from foodvision.cli import required, run_tool
-from foodvision.config import CONFIG_DIR
-from foodvision.data.datamodule import FoodDataModule
+from foodvision.cli import required
+from foodvision.data.datamodule import FoodDataModule, default_num_workers
 from foodvision.data.images import load_rgb
 from foodvision.data.roots import (
     normalise_split,
@@ -34,6 +32,9 @@ from foodvision.data.roots import (
 from foodvision.errors import ClassMismatchError, ToolError
 from foodvision.evaluation import trust
 from foodvision.evaluation.figures import confusion_figure, plt, save_figure
+from foodvision.evaluation.report import (
+    write_report,  # report.html from the files above (foodvision.evaluation.report)
+)
 from foodvision.inference.batches import Stream, stream_files
 from foodvision.inference.calibration import Calibration
 from foodvision.inference.checkpoints import run_dir_of
@@ -378,9 +379,6 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     metrics["eval_dir"] = str(out)
     write_text(out / "metrics.json", json.dumps(finite_json(metrics), indent=2, allow_nan=False) + "\n")
     if cfg.get("report", True):
-        from foodvision.evaluation.report import (
-            write_report,  # report.html from the files above (foodvision.evaluation.report)
-        )
 
         write_report(out, predictor)
     _print_summary(metrics, out, stream.images_per_second)
@@ -388,7 +386,6 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _workers(cfg: DictConfig) -> int:
-    from foodvision.data.datamodule import default_num_workers
 
     workers = cfg.get("num_workers")
     return default_num_workers() if workers is None else int(workers)
@@ -423,12 +420,3 @@ def _print_summary(metrics: Mapping[str, Any], out: Path, speed: float) -> None:
         + f"\neval dir: {out}",
         flush=True,
     )
-
-
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
-def main(cfg: DictConfig) -> None:
-    run_tool(evaluate, cfg)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,5 +1,5 @@
-"""One self-contained HTML page per evaluation (``report.html`` in eval.py's output dir) and the HTML frame of
-compare.py's leaderboard.
+"""One self-contained HTML page per evaluation (``report.html`` in eval.py's output dir; its frame and style:
+:mod:`foodvision.pages`).
 
 The report is built from what eval.py already wrote (``metrics.json``, ``per_class.csv``,
 ``predictions.csv``, ``most_confident_wrong.csv`` and the PNG figures) and the model: headline metrics,
@@ -12,10 +12,7 @@ file except for the measured timings (inside ``<span class="measured">``).
 
 from __future__ import annotations
 
-import base64
 import csv
-import html
-import io
 import json
 import logging
 import statistics
@@ -27,70 +24,13 @@ from typing import Any
 import numpy as np
 
 from foodvision.atomic import write_text
+from foodvision.data.images import load_rgb
+from foodvision.inference.checkpoints import load_checkpoint_model
+from foodvision.inference.predictor import Predictor
+from foodvision.pages import data_uri, esc, html_page, jpeg_bytes
+from foodvision.runs.layout import METRICS, REPORT
 
 log = logging.getLogger(__name__)
-
-REPORT_FILE = "report.html"
-
-CSS = """
-body {font-family: system-ui, -apple-system, "Segoe UI", Roboto, Helvetica, Arial, sans-serif; margin: 0;
-  background: #f7f7f8; color: #1f2328; line-height: 1.45}
-main {max-width: 1180px; margin: 0 auto; padding: 24px 28px 48px}
-h1 {font-size: 1.6em; margin: 0 0 4px} h2 {font-size: 1.2em; margin: 32px 0 10px; border-bottom: 2px solid #f97316;
-  padding-bottom: 4px} h3 {font-size: 1em; margin: 18px 0 8px}
-.sub {color: #57606a; font-size: 0.9em; margin: 0 0 4px; overflow-wrap: anywhere}
-.cards {display: flex; flex-wrap: wrap; gap: 12px; margin: 16px 0}
-.card {background: #fff; border: 1px solid #e5e7eb; border-radius: 8px; padding: 10px 16px; min-width: 120px}
-.card .value {font-size: 1.5em; font-weight: 650} .card .name {color: #57606a; font-size: 0.85em}
-table {border-collapse: collapse; background: #fff; font-size: 0.9em}
-th, td {padding: 5px 10px; border-bottom: 1px solid #e5e7eb; text-align: left; vertical-align: middle}
-th {background: #f3f4f6} td.num {text-align: right; font-variant-numeric: tabular-nums}
-td.bar {position: relative; min-width: 70px}
-td.bar span.fill {position: absolute; left: 0; top: 3px; bottom: 3px; background: #fed7aa; z-index: 0}
-td.bar span.v {position: relative; z-index: 1}
-tr.low td {color: #b91c1c}
-figure {margin: 0} img.fig {max-width: 100%; background: #fff; border: 1px solid #e5e7eb; border-radius: 6px}
-.grid {display: flex; flex-wrap: wrap; gap: 14px}
-.cam {background: #fff; border: 1px solid #e5e7eb; border-radius: 8px; padding: 8px; width: 340px}
-.cam img {width: 160px; height: 160px; image-rendering: auto; border-radius: 4px}
-.cam figcaption {font-size: 0.8em; color: #57606a; overflow-wrap: anywhere}
-.cam .ok {color: #15803d; font-weight: 600} .cam .wrong {color: #b91c1c; font-weight: 600}
-.note {background: #fff7ed; border-left: 4px solid #f97316; padding: 6px 12px; font-size: 0.9em}
-code {background: #eef0f2; padding: 1px 4px; border-radius: 3px; font-size: 0.9em}
-.card .ci {color: #57606a; font-size: 0.85em; font-variant-numeric: tabular-nums}
-"""
-
-
-# ---- HTML helpers (also used by compare.py's leaderboard.html) ---------------------------------------------
-def esc(value: Any) -> str:
-    return html.escape(str(value))
-
-
-def html_page(title: str, body: str) -> str:
-    return (
-        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
-        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
-        f"<title>{esc(title)}</title>\n<style>{CSS}</style>\n</head>\n<body><main>\n{body}\n</main></body>\n</html>\n"
-    )
-
-
-def data_uri(data: bytes, mime: str = "image/png") -> str:
-    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
-
-
-def jpeg_bytes(image: Any) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=88)
-    return buffer.getvalue()
-
-
-def inline_markdown(text: str) -> str:
-    """``**bold**`` and ```code``` of compare.py's recommendation as HTML (everything else escaped)."""
-    import re
-
-    out = esc(text)
-    out = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", out)
-    return re.sub(r"`(.+?)`", r"<code>\1</code>", out)
 
 
 def _read_csv(path: Path) -> list[dict[str, str]]:
@@ -193,7 +133,6 @@ def _cam_model(checkpoint: Path, predictor: Any = None) -> tuple[Any, Any]:
         and all(p.device.type == "cpu" and p.dtype == torch.float32 for p in model.parameters())
     ):
         return model, predictor.info
-    from foodvision.inference.checkpoints import load_checkpoint_model
 
     model, info, _ = load_checkpoint_model(checkpoint)
     return model.float(), info
@@ -246,8 +185,6 @@ def gradcam_overlays(
     import torch
     from PIL import Image
     from pytorch_grad_cam.utils.image import show_cam_on_image
-
-    from foodvision.data.images import load_rgb
 
     model, info = _cam_model(checkpoint, predictor)
     pre = info.preprocessing
@@ -546,7 +483,7 @@ def build_report(eval_dir: Path, predictor: Any = None, gradcam: int = 6, latenc
     from foodvision.evaluation.evaluate import metric_name  # the key vocabulary of the metrics.json read here
 
     eval_dir = Path(eval_dir)
-    metrics = json.loads((eval_dir / "metrics.json").read_text())
+    metrics = json.loads((eval_dir / METRICS).read_text())
     checkpoint = Path(metrics["checkpoint"]) if metrics.get("checkpoint") else None
     if predictor is not None:
         checkpoint = Path(predictor.path)
@@ -612,10 +549,8 @@ def write_report(eval_dir: str | Path, predictor: Any = None, gradcam: int = 6, 
     """Write ``report.html`` into ``eval_dir`` from the files eval.py wrote there; ``predictor`` (a
     :class:`foodvision.inference.predictor.Predictor`, or a model path) gives the model facts and the latency."""
     if predictor is not None and isinstance(predictor, (str, Path)):
-        from foodvision.inference.predictor import Predictor
-
         predictor = Predictor(predictor, device="cpu", precision="32")
-    path = Path(eval_dir) / REPORT_FILE
+    path = Path(eval_dir) / REPORT
     write_text(path, build_report(Path(eval_dir), predictor, gradcam, latency))  # atomically, UTF-8
     log.info("report: %s", path)
     return path

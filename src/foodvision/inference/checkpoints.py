@@ -20,12 +20,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from foodvision.atomic import save_torch
 from foodvision.data.transforms import Preprocessing
 from foodvision.errors import ModelLoadError
 from foodvision.inference.calibration import Calibration
 from foodvision.inference.engine import (
     session_options,
 )
+from foodvision.models.classifier import build_classifier
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +180,6 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 
 def build_model(info: ModelInfo, where: str | Path) -> nn.Module:
     """The architecture recorded in ``info``, randomly initialised (never downloads weights)."""
-    from foodvision.models.classifier import build_classifier
 
     if not info.model:
         raise ModelLoadError(f"{where}: the foodvision metadata does not describe the architecture")
@@ -246,7 +247,6 @@ def save_calibration(path: str | Path, calibration: Calibration) -> ModelInfo:
     """Rewrite the training checkpoint ``path`` with ``calibration`` in its metadata (weights, optimizer
     state and everything else unchanged), atomically: a failed write leaves the previous file. Returns
     the metadata now saved."""
-    from foodvision.atomic import save_torch
 
     checkpoint = read_checkpoint(path)
     info = dataclasses.replace(checkpoint_info(checkpoint, path), calibration=calibration)

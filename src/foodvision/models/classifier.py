@@ -14,6 +14,7 @@ from torch import nn
 
 from foodvision.data.transforms import Preprocessing
 from foodvision.models.scratch import ScratchCNN
+from foodvision.models.weights import load_pretrained_weights
 
 log = logging.getLogger(__name__)
 
@@ -190,8 +191,6 @@ def build_classifier(
         raise ValueError(f"timm has no model {name!r} ({error}); see timm.list_models()") from error
     source = "random init (model.pretrained=false)"
     if pretrained:
-        from foodvision.models.weights import load_pretrained_weights
-
         source = load_pretrained_weights(backbone, name, weights_file)
     preprocessing = Preprocessing.from_timm(timm.data.resolve_model_data_config(backbone), image_size)
     model = ImageClassifier(

@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from foodvision.atomic import ensure_dir, write_text
 from foodvision.config.check import ConfigError
 from foodvision.data.roots import normalized_root
 
@@ -279,8 +280,6 @@ def write_resume_record(run_dir: Path, composed_yaml: str, fresh: bool) -> Path 
     itself writes none for a resume (``fv_hydra_subdir``). None outside a Hydra run."""
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
-
-    from foodvision.atomic import ensure_dir, write_text
 
     if not HydraConfig.initialized():
         return None
