@@ -100,7 +100,7 @@ def sync(device: torch.device) -> None:
 def precision_for(device: torch.device) -> str:
     """foodvision's choice: ``bf16`` where the hardware runs it natively, else ``32`` (``--precision 32``:
     ``32``)."""
-    from foodvision.inference.predictor import resolve_precision
+    from foodvision.hardware import inference_precision as resolve_precision
 
     return resolve_precision(PRECISION, device)
 
@@ -108,7 +108,7 @@ def precision_for(device: torch.device) -> str:
 def trainer_precision(device: torch.device) -> str:
     if PRECISION == "32":
         return "32-true"
-    from foodvision.training.fit import resolve_precision
+    from foodvision.hardware import trainer_precision as resolve_precision
 
     return str(resolve_precision("auto", "gpu" if device.type == "cuda" else "cpu"))
 
@@ -453,7 +453,7 @@ class Inference:
         return ("32", "torch") if self.precision != "32" else None
 
     def context(self, precision: str | None = None) -> contextlib.ExitStack:
-        from foodvision.inference.predictor import autocast
+        from foodvision.hardware import autocast
 
         stack = contextlib.ExitStack()
         if self.side == "baseline":
@@ -596,7 +596,7 @@ class FrozenEpoch:
     # ours -------------------------------------------------------------------------------------------------
     def extract(self, samples: list[tuple[str, int]], depth: int | None = None) -> dict[str, Any]:
         from foodvision.inference.engine import resolve_engine
-        from foodvision.inference.predictor import autocast
+        from foodvision.hardware import autocast
         from foodvision.training.callbacks.feature_cache import extract_features, frozen_forward
 
         loader = ours_loader(self.cfg, samples, self.pre, int(self.cfg["extract_batch"]))

@@ -1,11 +1,19 @@
-"""What the machine can do fast: decides ``precision=auto`` for training and inference alike."""
+"""What the machine can do fast: the one place that decides ``precision=auto`` and translates precisions
+between Lightning's vocabulary (training: ``bf16-mixed``, ``32-true``) and the inference tools' (``bf16``, ``32``)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
+
+from foodvision.errors import ToolError
+
+FLOAT32_NAMES = ("32", "32-true", "fp32", "float32")
+BF16_NAMES = ("bf16", "bf16-mixed", "bfloat16")
 
 
 def cpu_has_native_bf16() -> bool:
@@ -35,3 +43,41 @@ def auto_precision(device_type: str) -> str:
 def cpu_cores() -> int:
     """The cores this process may run on (its affinity mask: what a container or `taskset` allows)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def trainer_precision(precision: Any, accelerator: str) -> Any:
+    """``trainer.precision``: ``auto`` becomes :func:`auto_precision` for the device the trainer will use."""
+    if precision != "auto":
+        return precision
+    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    return auto_precision("cuda" if on_gpu else "cpu")
+
+
+def inference_precision(precision: Any, device: torch.device) -> str:
+    """An inference tool's ``precision`` as ``bf16`` or ``32``: ``auto`` is bf16 autocast where the hardware
+    runs it natively (float16 autocast is not offered); a ToolError for anything else."""
+    value = str(precision).lower()
+    if value in FLOAT32_NAMES:
+        return "32"
+    if value in BF16_NAMES:
+        return "bf16"
+    if value != "auto":
+        raise ToolError(f"precision must be auto, 32 or bf16, got {precision!r}")
+    return "bf16" if auto_precision(device.type) == "bf16-mixed" else "32"
+
+
+def inference_precision_of_trainer(trainer_precision: Any) -> str:
+    """The trainer's resolved precision for evaluating what it trained: bf16 stays bf16, anything else
+    (32-true, 16-mixed) is evaluated in float32."""
+    return "bf16" if str(trainer_precision).startswith("bf16") else "32"
+
+
+def is_float32(precision: Any) -> bool:
+    return str(precision).lower() in FLOAT32_NAMES
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast for ``precision == "bf16"``, else nothing."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()

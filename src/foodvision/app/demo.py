@@ -34,8 +34,9 @@ from foodvision.data.roots import resolve_eval_data
 from foodvision.errors import ToolError
 from foodvision.inference.batches import infer_files
 from foodvision.inference.calibration import is_unknown
-from foodvision.inference.checkpoints import run_dir_of
+from foodvision.inference.checkpoints import network_parameter_count, run_dir_of
 from foodvision.inference.predictor import Predictor, resolve_device
+from foodvision.runs.layout import METRICS, eval_dir
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +59,8 @@ def import_gradio() -> Any:
 def test_accuracy(run_dir: Path) -> tuple[float | None, str]:
     """The model's test accuracy and where it comes from: eval.py's metrics, else the training run's."""
     for path, key in (
-        (run_dir / "eval-test" / "metrics.json", "test/acc"),
-        (run_dir / "metrics.json", "test/acc"),
+        (eval_dir(run_dir) / METRICS, "test/acc"),
+        (run_dir / METRICS, "test/acc"),
     ):
         try:
             value = json.loads(path.read_text()).get(key)
@@ -72,7 +73,7 @@ def test_accuracy(run_dir: Path) -> tuple[float | None, str]:
 
 def count_parameters(predictor: Predictor) -> int | None:
     if predictor.checkpoint is not None:
-        return sum(v.numel() for k, v in predictor.checkpoint["state_dict"].items() if k.startswith("net."))
+        return network_parameter_count(predictor.checkpoint)
     if predictor.format == "onnx":
         try:
             import onnx

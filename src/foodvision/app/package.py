@@ -24,8 +24,14 @@ from foodvision.app import template as app_template
 from foodvision.app.demo import example_name, example_photos
 from foodvision.atomic import ensure_dir, finite_json, write_text, write_with
 from foodvision.errors import ToolError
-from foodvision.inference.checkpoints import ModelInfo, load_checkpoint_model, run_dir_of
+from foodvision.inference.checkpoints import (
+    ModelInfo,
+    load_checkpoint_model,
+    network_parameter_count,
+    run_dir_of,
+)
 from foodvision.inference.export import check_export, export_onnx
+from foodvision.runs.layout import METRICS, eval_dir
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +52,7 @@ def run_numbers(run_dir: Path) -> dict[str, Any]:
     """Test metrics of the run: eval.py's (eval-test/metrics.json), else the training run's metrics.json."""
     numbers: dict[str, Any] = {}
     try:
-        trained = json.loads((run_dir / "metrics.json").read_text())
+        trained = json.loads((run_dir / METRICS).read_text())
         numbers.update(
             {
                 "test accuracy": trained.get("test/acc"),
@@ -57,7 +63,7 @@ def run_numbers(run_dir: Path) -> dict[str, Any]:
     except (OSError, ValueError):
         pass
     try:
-        evaluated = json.loads((run_dir / "eval-test" / "metrics.json").read_text())
+        evaluated = json.loads((eval_dir(run_dir) / METRICS).read_text())
         numbers.update(
             {
                 "test accuracy": evaluated.get("test/acc"),
@@ -167,7 +173,7 @@ def export_app(cfg: DictConfig, ckpt_path: Path, output: Path) -> dict[str, Any]
             examples.append(name)
 
     numbers = run_numbers(run_dir)
-    params = sum(v.numel() for k, v in checkpoint["state_dict"].items() if k.startswith("net."))
+    params = network_parameter_count(checkpoint)
     latency = measure_latency(model_file, info.preprocessing.image_size)
     facts: dict[str, Any] = {"architecture": info.architecture, "classes": info.num_classes}
     if "test accuracy" in numbers:

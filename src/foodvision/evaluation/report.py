@@ -25,7 +25,8 @@ import numpy as np
 
 from foodvision.atomic import write_text
 from foodvision.data.images import load_rgb
-from foodvision.inference.checkpoints import load_checkpoint_model
+from foodvision.evaluation.metrics import metric_name  # the key vocabulary of the metrics.json read here
+from foodvision.inference.checkpoints import load_checkpoint_model, network_parameter_count
 from foodvision.inference.predictor import Predictor
 from foodvision.pages import data_uri, esc, html_page, jpeg_bytes
 from foodvision.runs.layout import METRICS, REPORT
@@ -307,8 +308,6 @@ def with_interval(value: float, interval: str, percent: bool = True) -> str:
 def trust_section(metrics: Mapping[str, Any], eval_dir: Path) -> str:
     """Calibration (ECE, Brier, reliability diagram), the unknown answer and its separation from outside
     photos, and the bootstrap intervals: what eval's foodvision.evaluation.trust wrote into metrics.json."""
-    from foodvision.evaluation.evaluate import metric_name
-
     split = metrics.get("split", "test")
 
     def get(name: str) -> Any:
@@ -458,7 +457,7 @@ def model_facts(
             facts.append(("initial weights", esc(info.weights_source)))
     state = getattr(predictor, "checkpoint", None)
     if state is not None:
-        params = sum(v.numel() for k, v in state["state_dict"].items() if k.startswith("net."))
+        params = network_parameter_count(state)
         facts.append(("parameters", f'<span data-key="parameters" data-value="{params}">{params:,}</span>'))
     if checkpoint is not None and checkpoint.is_file():
         facts.append(("model file", esc(f"{checkpoint} ({checkpoint.stat().st_size / 1e6:.1f} MB)")))
@@ -480,8 +479,6 @@ def model_facts(
 
 
 def build_report(eval_dir: Path, predictor: Any = None, gradcam: int = 6, latency: bool = True) -> str:
-    from foodvision.evaluation.evaluate import metric_name  # the key vocabulary of the metrics.json read here
-
     eval_dir = Path(eval_dir)
     metrics = json.loads((eval_dir / METRICS).read_text())
     checkpoint = Path(metrics["checkpoint"]) if metrics.get("checkpoint") else None

@@ -198,11 +198,25 @@ def build_model(info: ModelInfo, where: str | Path) -> nn.Module:
     return model
 
 
+NETWORK_PREFIX = "net."  # LitClassifier keeps the network as ``self.net``: its weights' keys start so
+
+
+def network_weights(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The network's weights of a training checkpoint's ``state_dict`` (the LightningModule's other state,
+    e.g. metrics, left out), keyed as the bare network names them."""
+    return {k[len(NETWORK_PREFIX) :]: v for k, v in state_dict.items() if k.startswith(NETWORK_PREFIX)}
+
+
+def network_parameter_count(checkpoint: dict[str, Any]) -> int:
+    """Parameters of the network stored in a training checkpoint."""
+    return sum(v.numel() for v in network_weights(checkpoint["state_dict"]).values())
+
+
 def load_weights(
     model: nn.Module, state_dict: dict[str, torch.Tensor], info: ModelInfo, where: str | Path
 ) -> None:
     """Strict loading with a readable account of what does not fit."""
-    weights = {k[len("net.") :]: v for k, v in state_dict.items() if k.startswith("net.")}
+    weights = network_weights(state_dict)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))

@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from foodvision.hardware import is_float32
+
 log = logging.getLogger(__name__)
 
 ENGINES = ("auto", "torch", "onnxruntime")
@@ -222,7 +224,7 @@ def resolve_engine(engine: str | None, device: torch.device | str, precision: st
     if engine != "auto":
         return engine
     on_cpu = torch.device(device).type == "cpu"
-    float32 = str(precision).lower() in ("32", "32-true", "fp32", "float32")
+    float32 = is_float32(precision)
     return "onnxruntime" if on_cpu and float32 and onnxruntime_available() else "torch"
 
 

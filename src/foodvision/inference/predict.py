@@ -20,12 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import hydra
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from foodvision.atomic import DiskWriteError, atomic_open, describe_os_error, disk_error
 from foodvision.cli import EXPECTED_ERRORS, required
-from foodvision.config import CONFIG_DIR
 from foodvision.config.check import ConfigError
 from foodvision.data.images import IMAGE_EXTENSIONS, is_image_file
 from foodvision.errors import ToolError
@@ -343,14 +341,3 @@ def run(cfg: DictConfig) -> int:
             raise
         print(f"error: {disk}", file=sys.stderr, flush=True)
         return EXIT_NOTHING_PREDICTED
-
-
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="predict")
-def main(cfg: DictConfig) -> None:
-    code = run(cfg)
-    if code:
-        sys.exit(code)
-
-
-if __name__ == "__main__":
-    main()

@@ -7,7 +7,6 @@ Loading is :mod:`foodvision.inference.checkpoints`; reading photos in batches is
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import time
@@ -20,7 +19,7 @@ from torch import nn
 
 from foodvision.data.transforms import Preprocessing
 from foodvision.errors import ToolError
-from foodvision.hardware import auto_precision
+from foodvision.hardware import autocast, inference_precision
 from foodvision.inference.calibration import Calibration
 from foodvision.inference.checkpoints import (
     load_checkpoint_model,
@@ -49,24 +48,6 @@ def resolve_device(device: str | None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(str(device))
-
-
-def resolve_precision(precision: Any, device: torch.device) -> str:
-    """``auto``: bf16 autocast where the hardware runs it natively, else float32; gives ``bf16`` or ``32``."""
-    value = str(precision).lower()
-    if value in ("32", "32-true", "fp32", "float32"):
-        return "32"
-    if value in ("bf16", "bf16-mixed", "bfloat16"):
-        return "bf16"
-    if value != "auto":
-        raise ToolError(f"precision must be auto, 32 or bf16, got {precision!r}")
-    return "bf16" if auto_precision(device.type) == "bf16-mixed" else "32"  # float16 autocast: not here
-
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def check_engine(engine: Any) -> str:
@@ -152,7 +133,7 @@ class Predictor:
                 device = "cpu" if device in (None, "auto") else device
                 precision = "32" if str(precision).lower() == "auto" else precision
             self.device = resolve_device(device)
-            self.precision = resolve_precision(precision, self.device)
+            self.precision = inference_precision(precision, self.device)
             self.engine = resolve_engine(requested, self.device, self.precision)
             if self.engine == "onnxruntime" and (self.device.type != "cpu" or self.precision != "32"):
                 raise ToolError(
@@ -176,7 +157,7 @@ class Predictor:
                 self.model, self.info = load_torchscript_file(self.path, self.device, trust_torchscript)
             if requested not in ("auto", self.engine):
                 log.warning("%s files run with %s; engine=%s ignored", self.format, self.engine, requested)
-            requested_precision = resolve_precision(precision, self.device)
+            requested_precision = inference_precision(precision, self.device)
             if requested_precision != "32" and str(precision).lower() != "auto":
                 log.warning("exported models run in float32; precision=%s ignored", precision)
             self.precision = "32"

@@ -12,7 +12,6 @@ of their ``eval-test/predictions.csv`` when both were tested on the same photos.
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import math
 import os
@@ -20,24 +19,24 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import hydra
+import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from torch import nn
 
 from foodvision.atomic import atomic_open, write_text
-from foodvision.cli import required, run_tool
-from foodvision.config import CONFIG_DIR
-from foodvision.config.recipe import finetune_settings, recipe_summary
-from foodvision.errors import ModelLoadError, ToolError
+from foodvision.cli import required
+from foodvision.config.recipe import finetune_settings
+from foodvision.errors import ModelLoadError
 from foodvision.evaluation.statistics import mcnemar, significant
 from foodvision.inference.checkpoints import load_checkpoint_model
-from foodvision.inference.predictor import measure_throughput, resolve_precision
-from foodvision.runs.sweep import FAILED_FILE  # written by failing multirun trials
+from foodvision.hardware import inference_precision
+from foodvision.inference.predictor import measure_throughput
+from foodvision.pages import esc, html_page, inline_markdown
+from foodvision.runs.layout import PREDICTIONS, eval_dir, find_runs, read_config, run_row, test_images
 from foodvision.runs.tables import format_cell, markdown_table
+from foodvision.training.callbacks.finetune import NORM_TYPES, select_groups
 
 log = logging.getLogger(__name__)
-
-RUN_MARKERS = ("config.yaml", "metrics.json", "checkpoints", ".hydra", "train.log", FAILED_FILE)
-SKIP_DIRS = {"checkpoints", ".hydra", "export", "__pycache__"}
 
 COLUMNS = [
     ("rank", "rank"),
@@ -64,66 +63,10 @@ COLUMNS = [
 ]
 
 
-# ---- finding runs ----------------------------------------------------------------------------------------
-def is_run_dir(path: Path) -> bool:
-    return any((path / marker).exists() for marker in RUN_MARKERS)
-
-
-def find_runs(paths: Sequence[str | Path]) -> list[Path]:
-    """Run dirs among ``paths``: a path that is a run, else every run below it (any depth: a multirun's
-    numbered trials, runs/ of lightning_logs/...). Sorted, no duplicates."""
-    found: list[Path] = []
-    for item in paths:
-        path = Path(item).expanduser()
-        if not path.is_dir():
-            raise ToolError(f"runs: {path} is not a folder")
-        if is_run_dir(path):
-            found.append(path)
-            continue
-        below = []
-        for dirpath, dirnames, _ in os.walk(path):
-            here = Path(dirpath)
-            if here != path and is_run_dir(here):
-                below.append(here)
-                dirnames[:] = []  # a run's own subfolders are not runs
-                continue
-            dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS and not d.startswith("eval-"))
-        if not below:
-            raise ToolError(
-                f"runs: no training runs in {path} (a run dir has config.yaml, metrics.json or checkpoints/)"
-            )
-        found += below
-    unique = {p.resolve(): p for p in found}
-    return [unique[k] for k in sorted(unique)]
-
-
-def pick_checkpoint(run_dir: Path, metrics: dict[str, Any]) -> Path | None:
-    """The checkpoint the run was tested with (metrics.json ``best_checkpoint``), else best-*, else last."""
-    best = metrics.get("best_checkpoint")
-    if best:
-        for candidate in (
-            Path(best),
-            run_dir / "checkpoints" / Path(best).name,
-        ):  # the run dir may have moved
-            if candidate.is_file():
-                return candidate
-    folder = run_dir / "checkpoints"
-    found = (
-        sorted(folder.glob("best*.ckpt"))
-        or sorted(folder.glob("last*.ckpt"))
-        or sorted(folder.glob("*.ckpt"))
-    )
-    return found[-1] if found else None
-
-
 # ---- one row -------------------------------------------------------------------------------------------
 def count_parameters(model: Any, finetune: bool, unfreeze: Any, train_bn: bool) -> tuple[int, int]:
     """Total parameters, and those the run's recipe trains: everything without fine-tuning, else the head
     plus the unfrozen blocks (their norm layers only with ``train_bn``), as ``TwoStageFinetuning`` does."""
-    from torch import nn
-
-    from foodvision.training.callbacks.finetune import NORM_TYPES, select_groups
-
     total = sum(p.numel() for p in model.parameters())
     if not finetune:
         return total, total
@@ -146,92 +89,32 @@ def count_parameters(model: Any, finetune: bool, unfreeze: Any, train_bn: bool) 
     return total, head + backbone
 
 
-def _read_json(path: Path, problems: list[str]) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        problems.append(f"unreadable {path.name} ({error})")
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
-def run_row(
+def leaderboard_row(
     run_dir: Path, throughput: bool = True, precision: str = "32", batch: int = 32, iterations: int = 3
-) -> dict:
-    """The leaderboard row of one run dir; never raises for a broken run (its ``status`` and ``note`` say)."""
-    run_dir = Path(run_dir)
-    row: dict[str, Any] = {"run": run_dir.name, "path": str(run_dir), "status": "ok", "note": ""}
-    problems: list[str] = []
-    failure = _read_json(
-        run_dir / FAILED_FILE, problems
-    )  # a multirun trial that raised (foodvision.runs.sweep)
-    if failure:
-        problems.append(f"{failure.get('error_type', 'error')}: {failure.get('message', '')}".strip())
-    # train() saves the config it ran; a run that failed before that may still have Hydra's copy
-    config_file = next(
-        (f for f in (run_dir / "config.yaml", run_dir / ".hydra" / "config.yaml") if f.is_file()), None
+) -> dict[str, Any]:
+    """The run's row (:func:`foodvision.runs.layout.run_row`) plus what its checkpoint's model says:
+    parameters (total and trainable per the recipe) and, with ``throughput``, images/s measured now. Never
+    raises for a broken run (its ``note`` says)."""
+    row = run_row(run_dir)
+    if not row.get("checkpoint"):
+        return row
+    try:
+        model, info, _ = load_checkpoint_model(Path(run_dir) / row["checkpoint"])
+    except ModelLoadError as error:
+        row["note"] = "; ".join(n for n in (row["note"], str(error)) if n)
+        return row
+    if row.get("model") is None:
+        row["model"] = info.architecture
+    if row.get("image_size") is None:
+        row["image_size"] = info.preprocessing.image_size
+    finetune = finetune_settings(read_config(Path(run_dir))) or {}
+    row["params_total"], row["params_trainable"] = count_parameters(
+        model, bool(finetune), finetune.get("unfreeze", "none"), bool(finetune.get("train_bn", False))
     )
-    config = None
-    if config_file is None:
-        problems.append("no config.yaml")
-    else:
-        try:  # read as data only: nothing in a run's config is ever instantiated here
-            config = OmegaConf.load(config_file)
-        except Exception as error:  # noqa: BLE001 - a damaged or foreign file: this run's note says so
-            problems.append(f"unreadable {config_file.name} ({type(error).__name__})")
-        if config is not None and not isinstance(config, DictConfig):
-            problems.append(f"{config_file.name} is not a mapping")
-            config = None
-    recipe = recipe_summary(config) if config is not None else {}
-    finetune = finetune_settings(config)
-    row.update(recipe)
-    metrics = _read_json(run_dir / "metrics.json", problems)
-    if not (run_dir / "metrics.json").is_file():
-        problems.append("no metrics.json (failed, interrupted or still running)")
-    for key, column in (
-        ("train/acc", "train_acc"),
-        ("val/acc", "val_acc"),
-        ("test/acc", "test_acc"),
-        ("test/loss", "test_loss"),
-        ("test/f1_macro", "test_f1_macro"),
-        ("train_seconds", "train_seconds"),
-    ):
-        value = metrics.get(key)
-        row[column] = float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
-    checkpoint = pick_checkpoint(run_dir, metrics)
-    if checkpoint is None:
-        problems.append("no checkpoint")
-    else:
-        inside = checkpoint.resolve().is_relative_to(run_dir.resolve())
-        row["checkpoint"] = str(checkpoint.resolve().relative_to(run_dir.resolve()) if inside else checkpoint)
-        row["checkpoint_mb"] = checkpoint.stat().st_size / 1e6
-        try:
-            model, info, _ = load_checkpoint_model(checkpoint)
-        except ModelLoadError as error:
-            problems.append(str(error))
-        else:
-            if not recipe:
-                row["model"] = info.architecture
-            if row.get("image_size") is None:
-                row["image_size"] = info.preprocessing.image_size
-            row["params_total"], row["params_trainable"] = count_parameters(
-                model,
-                finetune is not None,
-                (finetune or {}).get("unfreeze", "none"),
-                bool((finetune or {}).get("train_bn", False)),
-            )
-            if throughput:
-                row["images_per_second"] = measure_throughput(
-                    model, info.preprocessing.image_size, precision, batch, iterations
-                )
-    if row.get("test_acc") is None and not any("metrics" in p for p in problems):
-        problems.append("no test accuracy in metrics.json")
-    if problems:
-        # failed: it raised, or nothing usable is there; incomplete: interrupted, still running, or damaged
-        row["status"] = "incomplete" if not failure and (metrics or checkpoint is not None) else "failed"
-        row["note"] = "; ".join(problems)
+    if throughput:
+        row["images_per_second"] = measure_throughput(
+            model, info.preprocessing.image_size, precision, batch, iterations
+        )
     return row
 
 
@@ -274,27 +157,11 @@ def leaderboard_table(rows: Sequence[dict[str, Any]]) -> str:
     return markdown_table(rows, [(k, title) for k, title in COLUMNS if k != "checkpoint"])
 
 
-def _test_images(run_dir: Path) -> int | None:
-    """How many photos the run was tested on: ``test_images`` of its metrics.json (train.py), else
-    ``num_images`` of eval-test/metrics.json (eval.py)."""
-    for path, key in (
-        (run_dir / "metrics.json", "test_images"),
-        (run_dir / "eval-test" / "metrics.json", "num_images"),
-    ):
-        try:
-            value = json.loads(path.read_text()).get(key)
-        except (OSError, ValueError, AttributeError):
-            continue
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
-    return None
-
-
 # ---- paired comparison of the two best runs --------------------------------------------------------------
 def read_test_predictions(run_dir: Path) -> dict[str, tuple[str, bool]] | None:
     """Per test photo of the run (eval-test/predictions.csv, as eval.py and train.py write it): its true
     class and whether the run got it right; None without a readable file."""
-    path = run_dir / "eval-test" / "predictions.csv"
+    path = eval_dir(run_dir) / PREDICTIONS
     try:
         with path.open(newline="", encoding="utf-8") as handle:
             return {r["file"]: (r["true"], r["true"] == r["predicted"]) for r in csv.DictReader(handle)}
@@ -338,7 +205,7 @@ def _paired_verdict(best: dict[str, Any], second: dict[str, Any], gap: float) ->
         else:
             advice = f"a tie within noise; `{best['run']}` is no larger or slower, so it stays the choice"
         return f", not significant at 95 % ({counts}): {advice}."
-    n = _test_images(Path(best["path"]))
+    n = test_images(Path(best["path"]))
     different = f" ({paired['reason']}: no paired test)" if paired is not None else ""
     if not n:
         return f"{different}."
@@ -433,8 +300,6 @@ def write_html(
     path: Path, rows: Sequence[dict[str, Any]], sources: Sequence[str], throughput_note: str
 ) -> str:
     """leaderboard.html: the markdown leaderboard as one self-contained page (no scripts, nothing loaded)."""
-    from foodvision.evaluation.report import esc, html_page, inline_markdown
-
     columns = [(k, title) for k, title in COLUMNS if k != "checkpoint"]
     header = "".join(f"<th>{esc(title)}</th>" for _, title in columns)
     lines = []
@@ -473,14 +338,12 @@ def compare(cfg: DictConfig) -> list[dict[str, Any]]:
         out = Path(os.path.commonpath([str(p.resolve().parent) for p in run_dirs]))
     out.mkdir(parents=True, exist_ok=True)
     throughput = bool(cfg.get("throughput", True))
-    import torch
-
-    precision = resolve_precision(cfg.get("precision", "auto"), torch.device("cpu"))
+    precision = inference_precision(cfg.get("precision", "auto"), torch.device("cpu"))
     batch, iterations = int(cfg.get("throughput_batch", 32)), int(cfg.get("throughput_iters", 3))
     log.info(
         "comparing %d run(s)%s", len(run_dirs), " (timing inference of each model)" if throughput else ""
     )
-    rows = rank_rows([run_row(d, throughput, precision, batch, iterations) for d in run_dirs])
+    rows = rank_rows([leaderboard_row(d, throughput, precision, batch, iterations) for d in run_dirs])
     write_csv(out / "leaderboard.csv", rows)
     note = (
         f"img/s: forward passes of a {batch}-image random batch at the model's input size, measured now "
@@ -494,12 +357,3 @@ def compare(cfg: DictConfig) -> list[dict[str, Any]]:
     write_html(out / "leaderboard.html", rows, [str(r) for r in runs], note)
     print(f"{text}\nwrote {out / 'leaderboard.csv'}, leaderboard.md and leaderboard.html", flush=True)
     return rows
-
-
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="compare")
-def main(cfg: DictConfig) -> None:
-    run_tool(compare, cfg)
-
-
-if __name__ == "__main__":
-    main()

@@ -14,7 +14,6 @@ from typing import Any
 
 import hydra
 import lightning as L
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -22,14 +21,11 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from foodvision.atomic import (
-    disk_error,
     ensure_dir,
-    quiet_thread_disk_errors,
     write_json,
     write_problem,
     write_text,
 )
-from foodvision.cli import EXPECTED_ERRORS
 from foodvision.config import CONFIG_DIR
 from foodvision.config.check import ConfigError, check_train_config
 from foodvision.config.recipe import recipe_summary
@@ -38,9 +34,9 @@ from foodvision.data.mixing import mixing_settings
 from foodvision.data.roots import data_root_of, resolve_data_root
 from foodvision.errors import ModelLoadError
 from foodvision.evaluation.evaluate import calibrate_checkpoint, evaluate
-from foodvision.hardware import auto_precision
+from foodvision.hardware import inference_precision_of_trainer, trainer_precision
 from foodvision.inference.checkpoints import checkpoint_info, read_checkpoint
-from foodvision.runs.sweep import run_trial
+from foodvision.runs.layout import CHECKPOINTS, CONFIG, LAST_CKPT, METRICS, SPLITS, eval_dir
 from foodvision.training.callbacks.build import build_callbacks
 from foodvision.training.callbacks.checkpointing import use_atomic_checkpoints
 from foodvision.training.module import LitClassifier
@@ -63,14 +59,6 @@ warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` 
 warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
 # Expected: the module mixes training batches (augment.mixup/cutmix) in its on_after_batch_transfer.
 warnings.filterwarnings("ignore", message=r".*overridden `on_after_batch_transfer` in `LightningModule`.*")
-
-
-def resolve_precision(precision: Any, accelerator: str) -> Any:
-    """``auto``: :func:`foodvision.hardware.auto_precision` for the device the trainer will use."""
-    if precision != "auto":
-        return precision
-    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-    return auto_precision("cuda" if on_gpu else "cpu")
 
 
 def resume_identity(cfg: DictConfig) -> tuple[dict[str, Any], Callable[[Mapping[str, Any]], Any]]:
@@ -166,7 +154,7 @@ def accept_resume(
     if rank_zero_only.rank != 0:
         return
     write_resume_record(run_dir, composed, fresh)
-    splits = run_dir / "splits.csv"
+    splits = run_dir / SPLITS
     before = splits.read_bytes() if splits.is_file() else None
     datamodule.save_splits()
     if before is not None and splits.is_file() and splits.read_bytes() != before:
@@ -214,7 +202,7 @@ def train(cfg: DictConfig) -> tuple[float | None, dict[str, Any]]:
         resolve_data_root(cfg)
         if continued is not None:  # keep writing into the interrupted run's dir
             cfg.paths.output_dir = str(continued)
-        cfg.trainer.precision = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator)
+        cfg.trainer.precision = trainer_precision(cfg.trainer.precision, cfg.trainer.accelerator)
     run_dir = ensure_dir(cfg.paths.output_dir)
     L.seed_everything(cfg.seed, workers=True)
 
@@ -244,7 +232,7 @@ def train(cfg: DictConfig) -> tuple[float | None, dict[str, Any]]:
     )
     use_atomic_checkpoints(trainer, run_dir)  # a full disk leaves the previous checkpoint, never half a file
     if trainer.is_global_zero and continued is None:  # a resumed run keeps the config it was started with
-        write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
+        write_text(run_dir / CONFIG, OmegaConf.to_yaml(cfg))
     hparams = _flat_hparams(cfg, datamodule, module)
     for logger in loggers:
         logger.log_hyperparams(hparams)
@@ -276,7 +264,7 @@ def train(cfg: DictConfig) -> tuple[float | None, dict[str, Any]]:
     metrics["excluded_label_issues"] = len(datamodule.excluded_label_issues)  # data.exclude_label_issues
     metrics["wall_seconds"] = round(time.time() - started, 1)
     if trainer.is_global_zero:
-        write_json(run_dir / "metrics.json", metrics)
+        write_json(run_dir / METRICS, metrics)
         final = {f"hp/{k}": v for k, v in metrics.items() if isinstance(v, float) and "/" in k}
         for logger in loggers:
             if isinstance(logger, TensorBoardLogger):  # its HPARAMS tab pairs the settings with the results
@@ -293,11 +281,6 @@ def train(cfg: DictConfig) -> tuple[float | None, dict[str, Any]]:
     return (float(value) if value is not None else None), metrics
 
 
-def eval_precision(trainer_precision: Any) -> str:
-    """The trainer's precision in eval.py's vocabulary (``32`` or ``bf16``)."""
-    return "bf16" if str(trainer_precision).startswith("bf16") else "32"
-
-
 def evaluate_best_checkpoint(cfg: DictConfig, trainer: L.Trainer, run_dir: Path) -> dict[str, Any]:
     """Evaluate the best checkpoint (else ``last.ckpt``) on the test split with ``eval.py``'s code: the
     same metrics, keys and files (``<run>/eval-test/``) as ``python eval.py ckpt_path=<it>`` gives. With
@@ -305,7 +288,7 @@ def evaluate_best_checkpoint(cfg: DictConfig, trainer: L.Trainer, run_dir: Path)
     first and saved in it (and in ``last.ckpt``): :mod:`foodvision.evaluation.trust`."""
     checkpoint_callback = trainer.checkpoint_callback
     best = getattr(checkpoint_callback, "best_model_path", "") if checkpoint_callback else ""
-    last = run_dir / "checkpoints" / "last.ckpt"
+    last = run_dir / CHECKPOINTS / LAST_CKPT
     checkpoint = best or (str(last) if last.is_file() else "")
     if not checkpoint:
         log.warning("no checkpoint was written (checkpoint callbacks off?): the test split is not evaluated")
@@ -316,10 +299,10 @@ def evaluate_best_checkpoint(cfg: DictConfig, trainer: L.Trainer, run_dir: Path)
         {
             "paths": OmegaConf.to_container(cfg.paths, resolve=True),
             "ckpt_path": checkpoint,
-            "output_dir": str(run_dir / "eval-test"),
+            "output_dir": str(eval_dir(run_dir)),
             "seed": cfg.seed,
             "data": {"split": "test"},
-            "precision": eval_precision(cfg.trainer.precision),
+            "precision": inference_precision_of_trainer(cfg.trainer.precision),
             "device": trainer.strategy.root_device.type,
             "num_workers": cfg.data.get("num_workers"),
             "progress": trainer.progress_bar_callback is not None,
@@ -366,32 +349,3 @@ class RunDirCheck(Callback):
         if problem is not None and os.environ.get("HYDRA_FULL_ERROR") != "1":
             print(f"error: {problem}", file=sys.stderr, flush=True)
             sys.exit(1)  # SystemExit passes Hydra's callback guard
-
-
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-def main(cfg: DictConfig) -> float | None:
-    # In a multirun a failing trial is logged and written to <trial dir>/failed.json and the sweep goes on.
-    # A user error (bad data, config or checkpoint) ends a single run with one message, no traceback.
-    background = quiet_thread_disk_errors(lambda: (cfg.paths.output_dir,))
-    try:
-        value = run_trial(train, cfg)
-    except EXPECTED_ERRORS as error:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        print(f"error: {error}\n(HYDRA_FULL_ERROR=1 shows the traceback)", file=sys.stderr, flush=True)
-        sys.exit(1)
-    except Exception as error:
-        # A full disk, a read-only or deleted run dir: wherever the write was (ours, Lightning's loggers,
-        # a C++ writer), one line naming the file.
-        disk = disk_error(error, (cfg.paths.output_dir,))
-        if disk is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        print(f"error: {disk}\n(HYDRA_FULL_ERROR=1 shows the traceback)", file=sys.stderr, flush=True)
-        sys.exit(1)
-    for disk in background[:1]:  # a logger thread died and the run did not meet the error again
-        log.warning("a background writer stopped: %s", disk)
-    return value
-
-
-if __name__ == "__main__":
-    main()
