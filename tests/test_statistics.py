@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from foodvision.evaluation.evaluate import classification_metrics, confusion_matrix
+from foodvision.evaluation.metrics import classification_metrics, confusion_matrix
 from foodvision.evaluation.statistics import bootstrap_intervals, mcnemar, significant
 
 

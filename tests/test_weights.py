@@ -113,7 +113,8 @@ def test_torchvision_explicit_mapping_agrees_with_parameter_order():
     path = _package_file(MBV2)
     source = torch.load(path, map_location="cpu", weights_only=True)
     full = _backbone("mobilenetv2_100", num_classes=1000)
-    assert "torchvision_mobilenet_v2" in load_pretrained_weights(full, "mobilenetv2_100", weights_file=str(path))
+    desc = load_pretrained_weights(full, "mobilenetv2_100", weights_file=str(path))
+    assert "torchvision_mobilenet_v2" in desc
     target = full.state_dict()
     for (src_key, src), (dst_key, dst) in zip(source.items(), target.items(), strict=True):
         assert src.shape == dst.shape, (src_key, dst_key)

@@ -23,7 +23,7 @@ CHUNK_CELLS = 4_000_000
 
 def _f1_from_confusions(confusions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Accuracy ``(R,)`` and per-class F1 ``(R, K)`` of ``R`` confusion matrices ``(R, K, K)`` (rows: true);
-    a class never predicted or absent has F1 0 (as :func:`foodvision.evaluation.evaluate.classification_metrics`)."""
+    a class never predicted or absent has F1 0 (as :func:`foodvision.evaluation.metrics.classification_metrics`)."""
     confusions = confusions.astype(np.float64)
     tp = np.diagonal(confusions, axis1=1, axis2=2)
     support = confusions.sum(axis=2)
