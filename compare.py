@@ -1,6 +1,6 @@
 """Compare training runs: `python compare.py runs=lightning_logs/runs` or `runs=[dir1,dir2]`."""
 
-from foodvision.runs.compare import main
+from foodvision.cli.compare import main
 
 if __name__ == "__main__":
     main()

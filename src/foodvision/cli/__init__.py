@@ -1,8 +1,9 @@
-"""Shared plumbing of the tools (eval, predict, compare, export): config dir, clear error exits."""
+"""The command-line entry points (one module per tool: ``train``, ``eval``, ``predict``, ``export``, ``serve``,
+``compare``, ``audit``, ``sweep``; the ``foodvision-<tool>`` console scripts and the repository's ``<tool>.py``)
+and their shared plumbing: required keys, and known problems ending in one ``error: ...`` line."""
 
 from __future__ import annotations
 
-import logging
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -14,9 +15,8 @@ from foodvision.data.images import BadImageError
 from foodvision.data.sources import DataLayoutError
 from foodvision.errors import ToolError
 
+# ToolError covers its subclasses: ModelLoadError, ConfigError, PretrainedWeightsError (no offline weights), ...
 EXPECTED_ERRORS = (ToolError, DataLayoutError, BadImageError)
-
-log = logging.getLogger("foodvision")
 
 
 def required(cfg: DictConfig, key: str, example: str) -> Any:
