@@ -165,7 +165,7 @@ def test_memory_rows_and_merge_keep_earlier_sections(tmp_path: Path) -> None:
         "main": {"runs": [{"measurements": measured, "checkpoint": "x.ckpt"}], "finish": {}},
     }
     cfg = {"memory_train_args": ["trainer.max_epochs=10"], "memory_tool_args": ["precision=32"]}
-    rows = run.sum_memory("memory", raw, {}, cfg, "")["rows"]
+    rows = run.SECTIONS["memory"].summarise("memory", raw, {}, cfg, "")["rows"]
     assert [r["foodvision"] for r in rows] == ["1,900 MB", "1,400 MB", "1,410 MB"]
     assert [r["baseline"] for r in rows] == ["1,500 MB", "1,300 MB", "-"]  # no plain run on 5,000 photos
     assert "trainer.max_epochs=10" in rows[0]["section"] and "precision=32" in rows[1]["section"]
@@ -194,3 +194,20 @@ def test_memory_rows_and_merge_keep_earlier_sections(tmp_path: Path) -> None:
     )
     run.merge_earlier(other := {"plan": ["memory"], "sections": {}}, tmp_path / "missing.json")
     assert other == {"plan": ["memory"], "sections": {}}
+
+
+def test_committed_results_merge_and_render(tmp_path: Path) -> None:
+    """bench/results.json as committed is kept section by section with --merge, and its table renders."""
+    run = load_bench_module("run")
+    committed = json.loads((ROOT / "bench" / "results.json").read_text())
+    document = {
+        **committed,
+        "plan": ["matmul_peak"],
+        "sections": {"matmul_peak": committed["sections"]["matmul_peak"]},
+    }
+    run.merge_earlier(document, ROOT / "bench" / "results.json")
+    assert document["plan"] == committed["plan"]
+    table = run.results.markdown(document)
+    for section in committed["plan"]:
+        for item in committed["sections"][section]["rows"]:
+            assert f"| {item['section']} |" in table

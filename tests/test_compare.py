@@ -26,8 +26,8 @@ def copy_run(tiny_run: TinyRun, target: Path, **metric_changes: float) -> Path:
 
 @pytest.fixture
 def runs(tiny_run: TinyRun, tmp_path: Path) -> Path:
-    """Finished runs with test acc 0.5, 0.9, 0.7; one died after writing its config, one was interrupted,
-    one multirun trial raised (failed.json)."""
+    """Finished runs with test acc 0.5, 0.9, 0.7; one stopped after writing its config (incomplete: without
+    failed.json nothing says it failed), one was interrupted, one multirun trial raised (failed.json)."""
     root = tmp_path / "multirun" / "2026-01-01_00-00-00"
     copy_run(tiny_run, root / "0", **{"test/acc": 0.5})
     copy_run(tiny_run, root / "1", **{"test/acc": 0.9, "train_seconds": 30.0})
@@ -48,7 +48,7 @@ def test_leaderboard_ranks_by_test_accuracy_and_lists_failed_runs(runs: Path) ->
     rows = compare(compose_tool("compare", f"runs={runs.parent}", "throughput_iters=1", "throughput_batch=4"))
     assert [r["run"] for r in rows] == ["1", "2", "0", "3", "4", "5"]
     assert [r["rank"] for r in rows] == [1, 2, 3, None, None, None]
-    assert [r["status"] for r in rows] == ["ok", "ok", "ok", "failed", "incomplete", "failed"]
+    assert [r["status"] for r in rows] == ["ok", "ok", "ok", "incomplete", "incomplete", "failed"]
     assert "no metrics.json" in rows[3]["note"] and "no checkpoint" in rows[3]["note"]
     assert rows[4]["checkpoint_mb"] > 0 and rows[4]["test_acc"] is None
     assert rows[5]["note"].startswith("OSError: disk full") and rows[5]["model"] == "scratch_cnn[8, 16]"
@@ -62,7 +62,7 @@ def test_leaderboard_ranks_by_test_accuracy_and_lists_failed_runs(runs: Path) ->
     with (runs.parent / "leaderboard.csv").open() as handle:
         saved = list(csv.DictReader(handle))
     assert [r["run"] for r in saved] == ["1", "2", "0", "3", "4", "5"]
-    assert [r["status"] for r in saved] == ["ok", "ok", "ok", "failed", "incomplete", "failed"]
+    assert [r["status"] for r in saved] == ["ok", "ok", "ok", "incomplete", "incomplete", "failed"]
     assert float(saved[0]["test_acc"]) == pytest.approx(0.9)
     markdown = (runs.parent / "leaderboard.md").read_text()
     assert "| 1 | 1 | ok | scratch_cnn[8, 16] |" in markdown
@@ -138,3 +138,21 @@ def test_recommendation_without_predictions_weighs_the_test_set_size(runs: Path)
     compare(compose_tool("compare", f"runs=[{runs / '1'},{runs / '2'}]", "throughput=false"))
     images = json.loads((runs / "1" / "metrics.json").read_text())["test_images"]
     assert f"beyond the noise of its {images}-image test set" in (runs / "leaderboard.md").read_text()
+
+
+def test_recommendation_reads_the_test_set_size_that_eval_wrote(tiny_run: TinyRun, tmp_path: Path) -> None:
+    """Runs tested by eval.py alone (metrics.json without test_images, no predictions.csv): the size of the
+    test set is eval-test/metrics.json's num_images, and the recommendation weighs the gap against it."""
+    evaluated = json.loads((tiny_run.run_dir / "eval-test" / "metrics.json").read_text())
+    root = tmp_path / "runs"
+    for name, accuracy in (("a", 0.9), ("b", 0.5)):
+        run = copy_run(tiny_run, root / name, **{"test/acc": accuracy})
+        metrics = json.loads((run / "metrics.json").read_text())
+        metrics.pop("test_images", None)
+        (run / "metrics.json").write_text(json.dumps(metrics))
+        (run / "eval-test").mkdir()
+        (run / "eval-test" / "metrics.json").write_text(json.dumps(evaluated))
+    compare(compose_tool("compare", f"runs={root}", "throughput=false"))
+    markdown = (root / "leaderboard.md").read_text()
+    assert "The runner-up `b`" in markdown
+    assert f"beyond the noise of its {evaluated['num_images']}-image test set" in markdown

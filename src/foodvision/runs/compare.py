@@ -28,8 +28,8 @@ from foodvision.cli import required
 from foodvision.config.recipe import finetune_settings
 from foodvision.errors import ModelLoadError
 from foodvision.evaluation.statistics import mcnemar, significant
-from foodvision.inference.checkpoints import load_checkpoint_model
 from foodvision.hardware import inference_precision
+from foodvision.inference.checkpoints import load_checkpoint_model
 from foodvision.inference.predictor import measure_throughput
 from foodvision.pages import esc, html_page, inline_markdown
 from foodvision.runs.layout import PREDICTIONS, eval_dir, find_runs, read_config, run_row, test_images

@@ -7,18 +7,17 @@ a summary table.
   goes on with the next trial. A single run raises as usual.
 * :class:`SweepSummary` (a Hydra callback, configured in ``conf/hydra/default.yaml``) writes
   ``summary.csv`` and ``summary.md`` into the multirun dir: one row per trial with its overrides,
-  status (ok / failed / incomplete) and the columns of ``python compare.py``'s leaderboard (its
-  ``run_row``, without timing inference). It rewrites them after every trial, so an interrupted sweep
+  status (ok / failed / incomplete, as :func:`foodvision.runs.layout.run_row` says) and the columns of
+  ``python compare.py``'s leaderboard (its ``leaderboard_row``, without timing inference). It rewrites them after every trial, so an interrupted sweep
   still has its table, and logs the table when the sweep ends. It also creates the directory of an
   Optuna ``sqlite:///`` storage before the sweeper opens it.
-* ``python -m foodvision.runs.sweep <multirun dir>`` rebuilds the summary of a sweep dir.
+* ``foodvision-sweep <multirun dir>`` (:mod:`foodvision.cli.sweep`) rebuilds the summary of a sweep dir.
 """
 
 from __future__ import annotations
 
 import csv
 import datetime as dt
-import json
 import logging
 import math
 import sys
@@ -33,26 +32,21 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from foodvision.atomic import DiskWriteError, atomic_open, write_json, write_text
-from foodvision.config.recipe import recipe_summary
+from foodvision.runs.compare import COLUMNS, leaderboard_row
+from foodvision.runs.layout import (
+    FAILED,
+    HYDRA_DIR,
+    METRICS,
+    OVERRIDES,
+    SUMMARY,
+    hydra_value,
+    read_config,
+    read_json,
+    read_overrides,
+)
 from foodvision.runs.tables import markdown_table
 
 log = logging.getLogger(__name__)
-
-FAILED_FILE = "failed.json"
-METRICS_FILE = "metrics.json"
-SUMMARY_NAME = "summary"
-# The trial's settings (config keys) and results (metrics.json keys) of a summary row.
-# Without foodvision.runs.compare these are the columns; with it, its leaderboard's (the same names, and more).
-SETTING_COLUMNS = ("model", "lr", "epochs", "augment", "unfreeze")
-METRIC_COLUMNS_FROM = {
-    "train/acc": "train_acc",
-    "val/acc": "val_acc",
-    "test/acc": "test_acc",
-    "test/loss": "test_loss",
-    "test/f1_macro": "test_f1_macro",
-    "train_seconds": "train_seconds",
-}
-METRIC_COLUMNS = tuple(METRIC_COLUMNS_FROM.values())
 
 
 # ---- failing trials ---------------------------------------------------------------------------
@@ -63,7 +57,7 @@ def in_multirun() -> bool:
 
 def record_failure(trial_dir: str | Path, error: BaseException, overrides: Sequence[str] = ()) -> Path:
     """Write ``failed.json`` (error type, message, traceback, overrides, time) into ``trial_dir``."""
-    path = Path(trial_dir) / FAILED_FILE
+    path = Path(trial_dir) / FAILED
     path.parent.mkdir(parents=True, exist_ok=True)
     record = {
         "status": "failed",
@@ -104,45 +98,15 @@ def run_trial(
 
 
 # ---- the summary table -----------------------------------------------------------------------
-def _load_yaml(path: Path) -> DictConfig | None:
-    try:
-        loaded = OmegaConf.load(path)
-    except Exception:  # a half-written or foreign file must not stop the summary
-        return None
-    return loaded if isinstance(loaded, DictConfig) else None
-
-
-def _select(cfg: DictConfig | None, key: str) -> Any:
-    if cfg is None:
-        return None
-    return OmegaConf.select(cfg, key, default=None, throw_on_resolution_failure=False)
-
-
-def _load_overrides(path: Path) -> list[str]:
-    try:
-        loaded = OmegaConf.to_container(OmegaConf.load(path))
-    except Exception:
-        return []
-    return [str(o) for o in loaded] if isinstance(loaded, list) else []
-
-
-def _load_json(path: Path) -> dict[str, Any]:
-    try:
-        loaded = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return loaded if isinstance(loaded, dict) else {}
-
-
 def find_trial_dirs(sweep_dir: str | Path) -> list[Path]:
     """The trial dirs of a multirun dir: every dir below it with Hydra's ``.hydra/overrides.yaml``."""
     sweep_dir = Path(sweep_dir)
-    dirs = {p.parent.parent for p in sweep_dir.glob("**/.hydra/overrides.yaml")}
+    dirs = {p.parent.parent for p in sweep_dir.glob(f"**/{HYDRA_DIR}/{OVERRIDES}")}
     return sorted((d for d in dirs if d != sweep_dir), key=lambda d: _sort_key(sweep_dir, d))
 
 
 def _sort_key(sweep_dir: Path, trial_dir: Path) -> tuple[Any, ...]:
-    number = _select(_load_yaml(trial_dir / ".hydra" / "hydra.yaml"), "hydra.job.num")
+    number = hydra_value(trial_dir, "hydra.job.num")
     parts = trial_dir.relative_to(sweep_dir).parts
     return (
         number if isinstance(number, int) else math.inf,
@@ -150,58 +114,30 @@ def _sort_key(sweep_dir: Path, trial_dir: Path) -> tuple[Any, ...]:
     )
 
 
-def _leaderboard_row(trial_dir: Path) -> dict[str, Any] | None:
-    """The compare leaderboard's row of a run (``foodvision.runs.compare.run_row``, without timing), or None
-    when that module is unavailable or cannot read the trial."""
-    try:
-        from foodvision.runs.compare import run_row
-    except Exception:  # compare's dependencies missing: the summary's own columns still work
-        return None
-    try:
-        return run_row(trial_dir, throughput=False)
-    except Exception as error:
-        log.warning("leaderboard columns of %s unavailable: %s", trial_dir, error)
-        return None
-
-
 def leaderboard_columns() -> list[str]:
-    """The compare leaderboard's columns (less rank/run/status and timing), else the summary's own."""
-    try:
-        from foodvision.runs.compare import COLUMNS as LEADERBOARD
-    except Exception:
-        return list(SETTING_COLUMNS + METRIC_COLUMNS)
-    return [key for key, _ in LEADERBOARD if key not in ("rank", "run", "status", "images_per_second")]
+    """The compare leaderboard's columns, less rank/run/status and timing (a sweep's trials are not timed)."""
+    return [key for key, _ in COLUMNS if key not in ("rank", "run", "status", "images_per_second")]
 
 
 def trial_row(trial_dir: str | Path, sweep_dir: str | Path | None = None) -> dict[str, Any]:
     """One summary row: the trial's number, status, overrides, and the leaderboard columns of
     ``python compare.py`` (recipe, accuracies, loss, F1, parameters, checkpoint size, training time)."""
     trial_dir = Path(trial_dir)
-    hydra_dir = trial_dir / ".hydra"
-    overrides = _load_overrides(hydra_dir / "overrides.yaml")
-    # train() saves the config it ran (config.yaml); a trial that failed before that has Hydra's copy.
-    cfg = _load_yaml(trial_dir / "config.yaml") or _load_yaml(hydra_dir / "config.yaml")
-    number = _select(_load_yaml(hydra_dir / "hydra.yaml"), "hydra.job.num")
-    failure = _load_json(trial_dir / FAILED_FILE) if (trial_dir / FAILED_FILE).is_file() else None
-    metrics = _load_json(trial_dir / METRICS_FILE)
-    status = "failed" if failure is not None else ("ok" if metrics else "incomplete")
-    recipe = recipe_summary(cfg)
+    run = leaderboard_row(trial_dir, throughput=False)
+    overrides = read_overrides(trial_dir)
+    number = hydra_value(trial_dir, "hydra.job.num")
     row: dict[str, Any] = {
         "trial": number if number is not None else trial_dir.name,
-        "status": status,
+        "status": run["status"],
         "overrides": " ".join(overrides),
         "_overrides": overrides,
-        **{column: recipe[column] for column in SETTING_COLUMNS},
+        **{column: run.get(column) for column in leaderboard_columns()},
     }
-    row.update({column: metrics.get(key) for key, column in METRIC_COLUMNS_FROM.items()})
-    leaderboard = _leaderboard_row(trial_dir) if failure is None else None
-    if leaderboard:
-        skip = ("status", "rank", "run", "path")
-        row.update({k: v for k, v in leaderboard.items() if v is not None and k not in skip})
-    optimized = _select(cfg, "optimized_metric")
+    config = read_config(trial_dir)
+    optimized = config and OmegaConf.select(config, "optimized_metric", throw_on_resolution_failure=False)
     if optimized and optimized.replace("/", "_") not in row:
-        row[optimized] = metrics.get(optimized)
-    row["error"] = f"{failure.get('error_type')}: {failure.get('message')}" if failure else None
+        row[optimized] = read_json(trial_dir / METRICS).get(optimized)
+    row["error"] = run["error"]
     row["dir"] = str(trial_dir.relative_to(sweep_dir)) if sweep_dir else str(trial_dir)
     return row
 
@@ -229,7 +165,7 @@ def _columns(rows: Sequence[dict[str, Any]]) -> list[str]:
 
 
 def write_sweep_summary(
-    sweep_dir: str | Path, name: str = SUMMARY_NAME, cache: dict[str, dict[str, Any]] | None = None
+    sweep_dir: str | Path, name: str = SUMMARY, cache: dict[str, dict[str, Any]] | None = None
 ) -> tuple[Path, Path, str]:
     """Write ``<name>.csv`` and ``<name>.md`` into ``sweep_dir``; returns both paths and the table."""
     sweep_dir = Path(sweep_dir)
@@ -281,7 +217,7 @@ def prepare_storage(storage: Any) -> None:
 class SweepSummary(Callback):
     """Writes ``summary.{csv,md}`` into the multirun dir after every trial and at the end of the sweep."""
 
-    def __init__(self, name: str = SUMMARY_NAME) -> None:
+    def __init__(self, name: str = SUMMARY) -> None:
         self.name = name
         self.sweep_dir: Path | None = None
         self.rows: dict[str, dict[str, Any]] = {}  # finished trials' rows, computed once
@@ -295,7 +231,7 @@ class SweepSummary(Callback):
             return
         trial_dir = Path(config.hydra.runtime.output_dir)
         error = getattr(job_return, "_return_value", None)
-        if isinstance(error, BaseException) and not (trial_dir / FAILED_FILE).exists():
+        if isinstance(error, BaseException) and not (trial_dir / FAILED).exists():
             record_failure(trial_dir, error, list(config.hydra.overrides.task))  # raised past run_trial
         write_sweep_summary(self.sweep_dir, self.name, self.rows)
 
@@ -317,22 +253,3 @@ class SweepSummary(Callback):
             sys.exit(1)
         if failed:
             log.warning("%d of %d trials failed (see %s)", failed, len(statuses), md_path)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m foodvision.runs.sweep <multirun dir>...``: (re)write and print the summary of sweep dirs."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    if not args or args[0] in ("-h", "--help"):
-        print("usage: python -m foodvision.runs.sweep MULTIRUN_DIR [MULTIRUN_DIR ...]")
-        return 0 if args else 2
-    for arg in args:
-        if not Path(arg).is_dir():
-            print(f"error: {arg} is not a directory", file=sys.stderr)
-            return 2
-        csv_path, md_path, table = write_sweep_summary(arg)
-        print(f"{csv_path}\n{md_path}\n{table}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
