@@ -27,7 +27,7 @@ from foodvision.data.images import load_rgb
 from foodvision.data.transforms import Preprocessing
 from foodvision.data.verify import image_list_digest
 from foodvision.inference.engine import ChunkedForward, onnxruntime_or_none, resolve_engine, torch_max_batch
-from foodvision.models.classifier import build_classifier
+from foodvision.models.classifier import architecture, build_classifier
 from foodvision.training.callbacks.feature_cache import state_digest
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ def build_backbone(
     """The model config's backbone (pretrained weights as training loads them), its preprocessing and where
     its weights came from."""
 
-    options = {k: v for k, v in dict(model).items() if k not in ("class_weights", "test_time_flip")}
+    options = {k: v for k, v in architecture(model).items() if k != "test_time_flip"}
     options["image_size"] = image_size
     net, preprocessing, source = build_classifier(num_classes=2, **options)
     return net.backbone.eval(), preprocessing, source

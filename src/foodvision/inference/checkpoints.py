@@ -27,7 +27,7 @@ from foodvision.inference.calibration import Calibration
 from foodvision.inference.engine import (
     session_options,
 )
-from foodvision.models.classifier import build_classifier
+from foodvision.models.classifier import architecture, build_classifier
 
 log = logging.getLogger(__name__)
 
@@ -179,11 +179,15 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def build_model(info: ModelInfo, where: str | Path) -> nn.Module:
-    """The architecture recorded in ``info``, randomly initialised (never downloads weights)."""
-
+    """The architecture recorded in ``info``, randomly initialised (never downloads weights). Built by
+    :func:`build_classifier` alone: a ``_target_`` in the metadata naming another function is refused before
+    anything is imported or called (the file is data, not code)."""
     if not info.model:
         raise ModelLoadError(f"{where}: the foodvision metadata does not describe the architecture")
-    kwargs = {**info.model, "pretrained": False}
+    try:
+        kwargs = {**architecture(info.model, where="its model"), "pretrained": False}
+    except ValueError as error:
+        raise ModelLoadError(f"{where}: refused: {error}") from None
     quiet = logging.getLogger("foodvision.models.classifier")
     level = quiet.level
     quiet.setLevel(logging.WARNING)  # not "weights from random init": the checkpoint's weights follow

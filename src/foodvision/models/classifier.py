@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,10 +81,6 @@ class ImageClassifier(nn.Module):
             logits = (logits + self.head(self.backbone(images.flip(-1)))) / 2
         return logits
 
-    def forward_head(self, pooled: torch.Tensor) -> torch.Tensor:
-        """Logits from the backbone's pooled features (timm's name for this entry point)."""
-        return self.head(pooled)
-
     def forward_entry(
         self, inputs: torch.Tensor, entry: str = IMAGES, mirrored: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -157,6 +153,31 @@ class ImageClassifier(nn.Module):
         return groups
 
 
+# The `_target_` of every conf/model/*.yaml: `hydra.utils.instantiate(cfg.model, num_classes=..., image_size=...)`
+# builds the network. Checkpoints describe their network with the same keys (less `_target_`); rebuilding one
+# never imports or calls a function its file names (:func:`architecture`).
+MODEL_FACTORY = "foodvision.models.classifier.build_classifier"
+# model.* keys that configure training, not the network (the loss's class weights)
+TRAINING_KEYS = ("class_weights",)
+
+
+def architecture(config: Mapping[str, Any], where: str = "model") -> dict[str, Any]:
+    """The :func:`build_classifier` keyword arguments of a model config or of a checkpoint's metadata: without
+    Hydra's ``_target_`` and without the training-only keys. A ``_target_`` naming anything but
+    :data:`MODEL_FACTORY` is refused (a ValueError naming ``where``): checkpoint metadata is data, and a file
+    naming ``os.system`` must never get it called."""
+    options = dict(config)
+    target = options.pop("_target_", MODEL_FACTORY)
+    if target != MODEL_FACTORY:
+        raise ValueError(
+            f"{where}._target_ is {target!r}: foodvision builds networks only with {MODEL_FACTORY} "
+            "(checkpoints rebuild the network from these settings, never from a function they name)"
+        )
+    for key in TRAINING_KEYS:
+        options.pop(key, None)
+    return options
+
+
 def build_classifier(
     num_classes: int,
     kind: str = "timm",
@@ -168,8 +189,11 @@ def build_classifier(
     image_size: int | None = None,
     drop_path_rate: float = 0.0,
     test_time_flip: bool = False,
+    class_weights: Any = None,
 ) -> tuple[ImageClassifier, Preprocessing, str]:
-    """Build a model from config; returns it with its preprocessing and where its weights came from."""
+    """Build a model from config (conf/model/*.yaml names this function as its ``_target_``); returns it with
+    its preprocessing and where its weights came from. ``class_weights`` (``model.class_weights``) weights the
+    training loss and does not shape the network: accepted so that a model config instantiates as written."""
     head = dict(head or {})
     hidden, dropout = head.get("hidden"), float(head.get("dropout", 0.0))
     if kind == "scratch":

@@ -30,7 +30,6 @@ from foodvision.config import CONFIG_DIR
 from foodvision.config.check import ConfigError, check_train_config
 from foodvision.config.recipe import recipe_summary
 from foodvision.data.datamodule import FoodDataModule
-from foodvision.data.mixing import mixing_settings
 from foodvision.data.roots import data_root_of, resolve_data_root
 from foodvision.errors import ModelLoadError
 from foodvision.evaluation.evaluate import calibrate_checkpoint, evaluate
@@ -166,22 +165,25 @@ def accept_resume(
 
 
 def build_module(cfg: DictConfig, datamodule: FoodDataModule) -> LitClassifier:
-    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    model_cfg["image_size"] = cfg.data.image_size
-    class_weights = model_cfg.pop("class_weights", None)  # a loss setting, not part of the architecture
-    return LitClassifier(
+    """The LightningModule ``cfg.module`` describes (conf/module/default.yaml, a partial): what only the data
+    knows is added here, the classes and, for ``model.class_weights``, the training split's class counts."""
+    if OmegaConf.select(cfg, "module._target_") is None:
+        raise ConfigError(
+            "no module config: conf/train.yaml's defaults list `module: default` (conf/module/)"
+        )
+    weighted = OmegaConf.select(cfg, "model.class_weights") is not None
+    factory = hydra.utils.instantiate(cfg.module)
+    module = factory(
         num_classes=datamodule.num_classes,
         class_names=datamodule.classes,
-        model=model_cfg,
-        optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
-        scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True),
-        label_smoothing=cfg.label_smoothing,
-        channels_last=cfg.channels_last,
-        max_epochs=cfg.trainer.max_epochs,
-        class_weights=class_weights,
-        class_counts=datamodule.class_counts("train") if class_weights is not None else None,
-        mixing=mixing_settings(OmegaConf.to_container(cfg.augment, resolve=True)),
+        class_counts=datamodule.class_counts("train") if weighted else None,
     )
+    if not isinstance(module, LitClassifier):
+        raise ConfigError(
+            f"module._target_={cfg.module._target_!r} built a {type(module).__name__}; train.py needs a "
+            "foodvision.training.module.LitClassifier (or a subclass)"
+        )
+    return module
 
 
 def train(cfg: DictConfig) -> tuple[float | None, dict[str, Any]]:
@@ -293,7 +295,13 @@ def evaluate_best_checkpoint(cfg: DictConfig, trainer: L.Trainer, run_dir: Path)
     if not checkpoint:
         log.warning("no checkpoint was written (checkpoint callbacks off?): the test split is not evaluated")
         return {}
-    eval_cfg = OmegaConf.load(Path(CONFIG_DIR) / "eval.yaml")
+    # conf/eval.yaml with its inference group (device, engine, batch_size, ...: conf/inference/)
+    eval_cfg = OmegaConf.merge(
+        *(
+            OmegaConf.load(Path(CONFIG_DIR) / f)
+            for f in ("inference/load.yaml", "inference/default.yaml", "eval.yaml")
+        )
+    )
     del eval_cfg["defaults"]
     eval_cfg.merge_with(
         {
@@ -327,7 +335,7 @@ def evaluate_best_checkpoint(cfg: DictConfig, trainer: L.Trainer, run_dir: Path)
 def _flat_hparams(cfg: DictConfig, datamodule: FoodDataModule, module: LitClassifier) -> dict[str, Any]:
     flat = {
         **recipe_summary(cfg),
-        "optimizer": cfg.optimizer.name,
+        "optimizer": OmegaConf.select(cfg, "optimizer.name") or OmegaConf.select(cfg, "optimizer._target_"),
         "batch_size": cfg.data.batch_size,
         "num_classes": datamodule.num_classes,
         "classes": ",".join(datamodule.classes),

@@ -7,23 +7,25 @@ from typing import Any
 
 import lightning as L
 import torch
-import torchmetrics
+from lightning.pytorch.loggers import TensorBoardLogger
+from omegaconf import OmegaConf
 from torch import nn
-from torchmetrics.classification import (
-    MulticlassAccuracy,
-    MulticlassConfusionMatrix,
-    MulticlassF1Score,
-    MulticlassPrecision,
-    MulticlassRecall,
-)
 
+from foodvision.config.check import ConfigError
 from foodvision.data.balance import resolve_class_weights
-from foodvision.data.mixing import BatchMixer, hard_targets
+from foodvision.data.mixing import BatchMixer, hard_targets, mixing_settings
 from foodvision.data.transforms import Preprocessing
 from foodvision.errors import ToolError
+from foodvision.evaluation.figures import log_confusion_to_loggers
+from foodvision.evaluation.metrics import EPOCH_METRICS, RunningMetrics, per_class_table
 from foodvision.inference.checkpoints import CHECKPOINT_KEY, ModelInfo
-from foodvision.models.classifier import IMAGES, build_classifier
-from foodvision.training.schedules import Stage2Schedule
+from foodvision.models.classifier import IMAGES, architecture, build_classifier
+from foodvision.training.optimization import (
+    build_optimizer,
+    build_scheduler,
+    optimizer_settings,
+    scheduler_settings,
+)
 
 
 class TrainingDivergedError(ToolError):
@@ -31,41 +33,14 @@ class TrainingDivergedError(ToolError):
     (and ``metrics.json`` would record NaN). Raised before that epoch's checkpoints are written."""
 
 
-def summary_metrics(num_classes: int) -> torchmetrics.MetricCollection:
-    metrics: dict[str, torchmetrics.Metric] = {
-        "acc": MulticlassAccuracy(num_classes, average="micro"),
-        "precision_macro": MulticlassPrecision(num_classes, average="macro"),
-        "recall_macro": MulticlassRecall(num_classes, average="macro"),
-        "f1_macro": MulticlassF1Score(num_classes, average="macro"),
-    }
-    if num_classes >= 5:
-        metrics["acc_top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
-    return torchmetrics.MetricCollection(metrics)
-
-
-def per_class_from_confusion(
-    confusion: torch.Tensor, class_names: Sequence[str]
-) -> dict[str, dict[str, Any]]:
-    """Precision, recall, F1 and support per class from a confusion matrix (rows: true classes), as
-    torchmetrics' ``average=None`` metrics give them (0 where undefined): one matrix instead of four metrics."""
-    confusion = confusion.double()
-    true_positives = confusion.diagonal()
-    support, predicted = confusion.sum(dim=1), confusion.sum(dim=0)
-
-    def ratio(top: torch.Tensor, bottom: torch.Tensor) -> torch.Tensor:
-        return torch.where(bottom > 0, top / bottom.clamp(min=1), torch.zeros_like(top))
-
-    precision, recall = ratio(true_positives, predicted), ratio(true_positives, support)
-    f1 = ratio(2 * true_positives, support + predicted)
-    return {
-        name: {
-            "precision": float(precision[i]),
-            "recall": float(recall[i]),
-            "f1": float(f1[i]),
-            "support": int(support[i]),
-        }
-        for i, name in enumerate(class_names)
-    }
+def plain_settings(settings: Any) -> dict[str, Any] | None:
+    """A copy of a settings mapping as plain Python values (an OmegaConf node resolved), or None: what a
+    checkpoint saves must load with ``weights_only=True``."""
+    if settings is None:
+        return None
+    if OmegaConf.is_config(settings):
+        return OmegaConf.to_container(settings, resolve=True)  # type: ignore[return-value]
+    return dict(settings)
 
 
 class LitClassifier(L.LightningModule):
@@ -90,12 +65,34 @@ class LitClassifier(L.LightningModule):
         class_weights: str | Sequence[float] | None = None,
         class_counts: Sequence[int] | None = None,
         mixing: dict[str, Any] | None = None,
+        image_size: int | None = None,
     ):
+        """Built by train.py from conf/module/default.yaml (a partial: the data gives ``num_classes``,
+        ``class_names`` and ``class_counts``). ``model``: a conf/model config (its ``_target_`` and
+        ``class_weights`` are taken off; ``class_weights`` defaults to the model's), with ``image_size`` (the
+        data's) added; ``optimizer``/``scheduler``: conf/optimizer, conf/scheduler configs, instantiated by
+        :meth:`configure_optimizers`; ``mixing``: ``{mixup, cutmix, features}`` (alphas 0: off)."""
         super().__init__()
         if len(class_names) != num_classes:
             raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
+        # The hyperparameters are saved as these locals are now: plain values only (weights_only=True loads),
+        # the network's settings without Hydra's `_target_` (checkpoints rebuild it with build_classifier).
+        model = plain_settings(model) or {}
+        if class_weights is None:
+            class_weights = model.get("class_weights")
+        try:
+            model = architecture(model)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+        if image_size is not None:
+            model["image_size"] = image_size
+        optimizer, scheduler = plain_settings(optimizer), plain_settings(scheduler)
+        optimizer_settings(optimizer)  # a wrong name or _target_ fails now, not when fitting starts
+        scheduler_settings(scheduler, max_epochs or 1)
+        mixing = plain_settings(mixing)
+        if mixing is not None:  # all alphas 0: no mixer, recorded as None
+            mixing = mixing_settings({**mixing, "mix_features": mixing.get("features", False)})
         self.save_hyperparameters()
-        # ModuleDict keys get a suffix: "train" would clash with nn.Module.train.
         self.net, preprocessing, self.weights_source = build_classifier(num_classes, **model)
         self.preprocessing: Preprocessing = preprocessing
         self.class_names = list(class_names)
@@ -104,11 +101,11 @@ class LitClassifier(L.LightningModule):
         weights = resolve_class_weights(class_weights, class_counts, num_classes)
         loss_weights = None if weights is None else torch.tensor(weights, dtype=torch.float32)
         self.register_buffer("loss_weights", loss_weights, persistent=False)
-        self.metrics = nn.ModuleDict({f"{s}_": summary_metrics(num_classes) for s in ("train", "val")})
-        # Testing is eval.py's job (foodvision.evaluation.evaluate): train.py evaluates the best checkpoint with it.
-        # The per-class table and confusion matrix are logged to TensorBoard only (train.py keeps scalars):
-        # one confusion matrix, updated only when such a logger will receive it (see _wants_detail).
-        self.detailed = nn.ModuleDict({"val_": MulticlassConfusionMatrix(num_classes)})
+        # One confusion matrix per stage (foodvision.evaluation.metrics, eval.py's implementation), summed across
+        # processes under DDP. Testing is eval.py's job: train.py evaluates the best checkpoint with it.
+        self.metrics = {
+            s: RunningMetrics(num_classes, track_loss=False, distributed=True) for s in ("train", "val")
+        }
         if channels_last:
             self.net.to(memory_format=torch.channels_last)
         self.last_results: dict[str, dict[str, Any]] = {}
@@ -145,16 +142,16 @@ class LitClassifier(L.LightningModule):
         else:  # plain cross-entropy: val losses stay comparable across runs and with eval.py
             loss = nn.functional.cross_entropy(logits, targets)
         hard = hard_targets(targets)  # mixed (soft) targets: their dominant class
-        self.metrics[f"{stage}_"].update(logits.detach().float(), hard)
-        if self._wants_detail(stage):
-            self.detailed[f"{stage}_"].update(logits.detach().float(), hard)
+        self.metrics[stage].update(logits, hard)
         if stage == "train":  # one host sync per step; detect_anomaly would cost far more
             self._check_finite_loss(loss, f"at epoch {self.current_epoch} step {self._batch_index}", "loss")
         elif stage == "val":  # summed on the device, checked once at the epoch end (no sync per step)
             loss_value = loss.detach().float()
             bad = torch.where(torch.isfinite(loss_value), torch.zeros_like(loss_value), loss_value)
             self._val_nonfinite = bad if self._val_nonfinite is None else self._val_nonfinite + bad
-        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(targets))
+        # sync_dist: the epoch's mean over every process under DDP (one reduction at the epoch end)
+        epoch_mean = {"on_step": False, "on_epoch": True, "sync_dist": True}
+        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=len(targets), **epoch_mean)
         return loss
 
     def _check_finite_loss(self, loss: torch.Tensor, where: str, name: str) -> None:
@@ -195,26 +192,21 @@ class LitClassifier(L.LightningModule):
 
     # ---- epoch ends: summary scalars, per-class table and confusion matrix ---------------------
     def _epoch_end(self, stage: str) -> None:
-        values = {f"{stage}/{k}": v for k, v in self.metrics[f"{stage}_"].compute().items()}
+        totals = self.metrics[stage]
+        scores = totals.scores()  # summed across processes under DDP
+        totals.reset()
+        values = scores.named(stage, EPOCH_METRICS)
         self.log_dict(values, prog_bar=stage != "train")
-        self.metrics[f"{stage}_"].reset()
-        result: dict[str, Any] = {k: float(v) for k, v in values.items()}
         if self._wants_detail(stage):
-            confusion = self.detailed[f"{stage}_"].compute().cpu()
-            self.detailed[f"{stage}_"].reset()
-            from foodvision.evaluation.figures import log_confusion_to_loggers
-
-            per_class = per_class_from_confusion(confusion, self.class_names)
-            log_confusion_to_loggers(self, stage, confusion, per_class)
-        self.last_results[stage] = result
+            per_class = per_class_table(scores.confusion, self.class_names)
+            log_confusion_to_loggers(self, stage, torch.from_numpy(scores.confusion), per_class)
+        self.last_results[stage] = values
 
     def _wants_detail(self, stage: str) -> bool:
-        """Whether this epoch's per-class table and confusion matrix will be logged (a TensorBoard logger,
-        not the sanity check): otherwise they are not computed at all."""
-        if f"{stage}_" not in self.detailed or self._trainer is None or self.trainer.sanity_checking:
+        """Whether this epoch's per-class table and confusion matrix are logged (validation, a TensorBoard
+        logger, not the sanity check): otherwise the table is not computed and no figure drawn."""
+        if stage != "val" or self._trainer is None or self.trainer.sanity_checking:
             return False
-        from lightning.pytorch.loggers import TensorBoardLogger
-
         return any(isinstance(logger, TensorBoardLogger) for logger in self.loggers)
 
     def on_train_epoch_end(self) -> None:
@@ -237,13 +229,12 @@ class LitClassifier(L.LightningModule):
         """Two parameter groups from the start: the head at ``optimizer.lr`` and the backbone at
         ``lr * optimizer.backbone_lr_factor`` (the one owner of that ratio). Frozen parameters have no
         gradient, so the optimizer skips them; unfreezing later therefore needs no new group and the
-        scheduler sees every group throughout.
+        scheduler sees every group throughout. The classes are the configs' ``_target_``
+        (:mod:`foodvision.training.optimization`).
         """
-        cfg = dict(self.hparams.optimizer or {})
-        name = cfg.pop("name", "adamw").lower()
-        lr = float(cfg.pop("lr", 1e-3))
-        weight_decay = float(cfg.pop("weight_decay", 0.0))
-        backbone_lr_factor = float(cfg.pop("backbone_lr_factor", 1.0))
+        settings = optimizer_settings(self.hparams.optimizer)
+        lr = float(settings.get("lr", 1e-3))
+        backbone_lr_factor = float(settings.get("backbone_lr_factor", 1.0))
         groups = [
             {"params": list(self.net.head.parameters()), "lr": lr, "name": "head"},
             {
@@ -252,37 +243,7 @@ class LitClassifier(L.LightningModule):
                 "name": "backbone",
             },
         ]
-        groups = [g for g in groups if g["params"]]
-        if name == "adam":
-            optimizer = torch.optim.Adam(groups, lr=lr, weight_decay=weight_decay, **cfg)
-        elif name == "adamw":
-            optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, **cfg)
-        elif name == "sgd":
-            optimizer = torch.optim.SGD(
-                groups, lr=lr, weight_decay=weight_decay, momentum=cfg.pop("momentum", 0.9), **cfg
-            )
-        else:
-            raise ValueError(f"optimizer.name must be adam, adamw or sgd, got {name!r}")
-        scheduler = self._scheduler(optimizer)
+        optimizer = build_optimizer({**settings, "lr": lr}, [g for g in groups if g["params"]])
+        epochs = max(1, int(self.hparams.max_epochs or self.trainer.max_epochs or 1))
+        scheduler = build_scheduler(self.hparams.scheduler, optimizer, epochs)
         return optimizer if scheduler is None else {"optimizer": optimizer, "lr_scheduler": scheduler}
-
-    def _scheduler(self, optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
-        cfg = dict(self.hparams.scheduler or {})
-        name = cfg.get("name", "none")
-        if name in (None, "none"):
-            return None
-        if name == "cosine":
-            epochs = max(1, int(self.hparams.max_epochs or self.trainer.max_epochs or 1))
-            sched = torch.optim.lr_scheduler.CosineAnnealingLR(
-                optimizer, T_max=epochs, eta_min=cfg.get("min_lr", 0.0)
-            )
-            return {"scheduler": sched, "interval": "epoch"}
-        if name == "stage2":  # fine-tuning recipes: base rates in stage 1, warm-up + decay from stage 2
-            sched = Stage2Schedule(optimizer, cfg.get("warmup_epochs", 0.0), cfg.get("decay", "cosine"))
-            return {"scheduler": sched, "interval": "step"}
-        if name == "plateau":
-            sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
-                optimizer, mode="min", factor=cfg.get("factor", 0.5), patience=cfg.get("patience", 2)
-            )
-            return {"scheduler": sched, "monitor": "val/loss", "interval": "epoch"}
-        raise ValueError(f"scheduler.name must be none, cosine, stage2 or plateau, got {name!r}")

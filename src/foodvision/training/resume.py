@@ -26,6 +26,7 @@ import yaml
 from foodvision.atomic import ensure_dir, write_text
 from foodvision.config.check import ConfigError
 from foodvision.data.roots import normalized_root
+from foodvision.runs.layout import CHECKPOINTS, CONFIG, HYDRA_CONFIG, HYDRA_DIR, METRICS, OVERRIDES
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,16 @@ IDENTITY_KEYS = (
     "label_smoothing",
     "callbacks.finetune",
     "callbacks.feature_cache",
+)
+# Leaves that say how a group is built, not which recipe it is (`name` says which optimizer/scheduler; the
+# scheduler's epochs follow trainer.max_epochs): runs recorded before conf/ named classes by `_target_` match.
+BUILD_LEAVES = (
+    "._target_",
+    "._partial_",
+    "scheduler.interval",
+    "scheduler.epochs",
+    "scheduler.monitor",
+    "scheduler.mode",
 )
 # How many runs a refusal names (newest first).
 NAMED_CANDIDATES = 5
@@ -80,13 +91,13 @@ def run_identity(config: Mapping[str, Any], data_root: Any) -> dict[str, Any]:
     for key in IDENTITY_KEYS:
         value = normalized_root(data_root) if key == "data.root" else _lookup(config, key)
         identity.update(_leaves(value, key))
-    return identity
+    return {key: value for key, value in identity.items() if not key.endswith(BUILD_LEAVES)}
 
 
 def recorded_config(run_dir: Path) -> dict[str, Any] | None:
     """The config a run was started with, read as plain data (never resolved or instantiated): Hydra's
     composed ``.hydra/config.yaml``, else train.py's ``config.yaml``; None when neither is readable."""
-    for path in (run_dir / ".hydra" / "config.yaml", run_dir / "config.yaml"):
+    for path in (run_dir / HYDRA_DIR / CONFIG, run_dir / CONFIG):
         try:
             loaded = yaml.safe_load(path.read_text())
         except (OSError, UnicodeDecodeError, yaml.YAMLError):
@@ -98,7 +109,7 @@ def recorded_config(run_dir: Path) -> dict[str, Any] | None:
 
 def run_finished(run_dir: Path) -> bool:
     """A run that finished (train.py writes ``metrics.json`` last): never resumed by ``ckpt_path=last``."""
-    return (run_dir / "metrics.json").exists()
+    return (run_dir / METRICS).exists()
 
 
 def differences(theirs: Mapping[str, Any], ours: Mapping[str, Any], limit: int = 3) -> list[str]:
@@ -159,7 +170,7 @@ class ResumeTarget:
 
 def resume_target(checkpoint: str | Path) -> ResumeTarget:
     path = Path(checkpoint).resolve()
-    return ResumeTarget(path, path.parent.parent if path.parent.name == "checkpoints" else None)
+    return ResumeTarget(path, path.parent.parent if path.parent.name == CHECKPOINTS else None)
 
 
 def check_not_finished(target: ResumeTarget, checkpoint: Mapping[str, Any], max_epochs: int) -> None:
@@ -284,11 +295,11 @@ def write_resume_record(run_dir: Path, composed_yaml: str, fresh: bool) -> Path 
     if not HydraConfig.initialized():
         return None
     hydra_cfg = HydraConfig.instance().cfg
-    record = run_dir / ".hydra"
+    record = run_dir / HYDRA_DIR
     if not fresh:
         record = Path(unique_run_dir(str(record / f"resume-{dt.datetime.now():%Y-%m-%d_%H-%M-%S}")))
     ensure_dir(record)
-    write_text(record / "config.yaml", composed_yaml)
-    write_text(record / "hydra.yaml", OmegaConf.to_yaml(hydra_cfg))
-    write_text(record / "overrides.yaml", OmegaConf.to_yaml(hydra_cfg.hydra.overrides.task))
+    write_text(record / CONFIG, composed_yaml)
+    write_text(record / HYDRA_CONFIG, OmegaConf.to_yaml(hydra_cfg))
+    write_text(record / OVERRIDES, OmegaConf.to_yaml(hydra_cfg.hydra.overrides.task))
     return record

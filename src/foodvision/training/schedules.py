@@ -1,14 +1,22 @@
-"""The learning-rate schedule of fine-tuning recipes, as a real scheduler (stepped per batch by Lightning,
-saved and restored with the checkpoint, logged by ``LearningRateMonitor``)."""
+"""foodvision's learning-rate schedules (the ``_target_`` of conf/scheduler/cosine.yaml and stage2.yaml): the
+fine-tuning recipes' stage-2 schedule, as a real scheduler (stepped per batch by Lightning, saved and restored
+with the checkpoint, logged by ``LearningRateMonitor``), and cosine annealing in foodvision's key names."""
 
 from __future__ import annotations
 
 import math
 
 import torch
-from torch.optim.lr_scheduler import LRScheduler
+from torch.optim.lr_scheduler import CosineAnnealingLR, LRScheduler
 
 DECAYS = ("cosine", "constant")
+
+
+def cosine_annealing(optimizer: torch.optim.Optimizer, epochs: int, min_lr: float = 0.0) -> CosineAnnealingLR:
+    """Every group from its base rate down to ``min_lr`` over the run's ``epochs`` (stepped per epoch): torch's
+    ``CosineAnnealingLR`` under the keys users have always typed (``scheduler.min_lr``; ``epochs`` is
+    ``trainer.max_epochs``) rather than torch's ``eta_min``/``T_max``."""
+    return CosineAnnealingLR(optimizer, T_max=max(1, int(epochs)), eta_min=float(min_lr))
 
 
 class Stage2Schedule(LRScheduler):
