@@ -15,7 +15,8 @@ from torch import nn
 
 from foodvision.cli import run_tool
 from foodvision.errors import ClassMismatchError, ModelLoadError, ToolError
-from foodvision.evaluation.evaluate import classification_metrics, evaluate
+from foodvision.evaluation.evaluate import evaluate
+from foodvision.evaluation.metrics import classification_metrics
 from foodvision.inference.predictor import Predictor
 
 from .conftest import TinyRun, compose_tool, make_class_tree

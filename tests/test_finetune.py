@@ -6,12 +6,15 @@ import contextlib
 import os
 from pathlib import Path
 
+import hydra
 import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch.utils.data import TensorDataset
 
+from foodvision.config.check import ConfigError, check_train_config
+from foodvision.config.recipe import recipe_summary
 from foodvision.data.cached import CachedInputs
 from foodvision.data.datamodule import FoodDataModule
 from foodvision.models.classifier import POOLED, prefix_entry
@@ -248,6 +251,29 @@ def test_unfreeze_specs_select_whole_blocks(image_folder: Path, tmp_path: Path) 
     assert select_groups(groups, "all") == groups and select_groups(groups, "none") == []
     with pytest.raises(ValueError, match="blocks are"):
         select_groups(groups, "block_13_expand")
+    assert select_groups(groups, "2") == select_groups(groups, 2) and select_groups(groups, 0) == []
+
+
+@pytest.mark.parametrize("spelling", ["none", "null", "0", "None", "'0'"])
+def test_every_spelling_of_unfreeze_none_means_the_same(compose_train, spelling: str) -> None:
+    """none, null and 0 (the config's, Hydra's and a count's spelling) are one setting: accepted by the
+    config check, no stage 2 in the callback, "none" in the run's summary (compare, sweeps, hparams)."""
+    cfg = compose_train(
+        "model=mobilenetv2_ft",
+        f"callbacks.finetune.unfreeze={spelling}",
+        "callbacks.finetune.stage1_epochs=null",  # needed only when a stage 2 follows
+        "trainer.max_epochs=1",
+    )
+    check_train_config(cfg)
+    callback = hydra.utils.instantiate(cfg.callbacks.finetune)
+    assert callback.unfreeze == "none" and not callback.unfreezes and callback.stage_at(5) == 1
+    assert recipe_summary(cfg)["unfreeze"] == "none"
+
+
+def test_a_negative_unfreeze_is_refused_naming_the_key(compose_train) -> None:
+    cfg = compose_train("model=mobilenetv2_ft", "callbacks.finetune.unfreeze=-1", "trainer.max_epochs=8")
+    with pytest.raises(ConfigError, match=r"callbacks\.finetune\.unfreeze=-1"):
+        check_train_config(cfg)
 
 
 # ---- feature cache ---------------------------------------------------------------------------------

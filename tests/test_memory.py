@@ -17,7 +17,8 @@ from torch import nn
 
 from foodvision.data.cached import CachedInputs
 from foodvision.errors import ToolError
-from foodvision.evaluation.evaluate import classification_metrics, confusion_matrix, evaluate
+from foodvision.evaluation.evaluate import evaluate
+from foodvision.evaluation.metrics import classification_metrics, confusion_matrix
 from foodvision.inference.batches import infer_files
 from foodvision.inference.predict import PredictionWriter, collect_inputs, predict, write_output
 from foodvision.inference import engine

@@ -12,6 +12,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from foodvision.config.recipe import FROZEN, normalise_unfreeze
 from foodvision.errors import ToolError
 
 
@@ -41,6 +42,7 @@ TRAIN_RULES: tuple[Rule, ...] = (
     ("data.max_per_class.val", lambda v: _is_int(v) and v >= 1, "an integer >= 1, or null (no cap)", True),
     ("data.max_per_class.test", lambda v: _is_int(v) and v >= 1, "an integer >= 1, or null (no cap)", True),
     ("data.val_fraction", lambda v: _number(v) and 0 < v < 1, "a fraction between 0 and 1", True),
+    ("data.pipeline", lambda v: v in ("auto", "pil", "tensor", "decoded"), "auto|pil|tensor|decoded", False),
     ("optimizer.lr", lambda v: _number(v) and v > 0, "a number > 0", False),
     ("optimizer.weight_decay", lambda v: _number(v) and v >= 0, "a number >= 0", True),
     ("label_smoothing", lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)", True),
@@ -87,9 +89,12 @@ def check_train_config(cfg: DictConfig) -> None:
             "(e.g. experiment=scratch_baseline), or drop the callback: callbacks.finetune=null"
         )
     quick = bool(OmegaConf.select(cfg, "trainer.fast_dev_run", default=False))  # one batch of each stage
+    try:  # none, null and 0 mean the same (one normalising function), anything unknown is named here
+        unfreeze = normalise_unfreeze(finetune.get("unfreeze")) if finetune else FROZEN
+    except ValueError as error:
+        raise ConfigError(f"invalid config: {error}") from None
     if (
-        finetune
-        and str(finetune.get("unfreeze")).lower() not in ("none", "null", "0")
+        unfreeze != FROZEN
         and finetune.get("patience") is None  # with patience, stage 1 may end earlier
         and not quick
     ):

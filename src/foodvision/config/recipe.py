@@ -8,6 +8,29 @@ from typing import Any
 from omegaconf import OmegaConf
 
 NO_FREEZING = "all (no freezing)"
+FROZEN = "none"  # callbacks.finetune.unfreeze: stage 2 unfreezes nothing (feature extraction)
+FROZEN_SPELLINGS = ("none", "null")  # any case, and YAML's null and the number 0: one meaning
+
+
+def normalise_unfreeze(value: Any) -> str | int:
+    """``callbacks.finetune.unfreeze`` in one form: ``"none"`` (also null, 0, "None"), ``"all"``, a count of
+    top blocks (an int >= 1, also as text) or a block name; a ValueError for a bool or a negative or
+    fractional number. Every reader of the key (config check, callback, summaries) goes through it."""
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise ValueError(
+            f"callbacks.finetune.unfreeze={value!r}: use none, all, a number of top blocks or a block name"
+        )
+    text = "none" if value is None else str(int(value) if isinstance(value, float) else value).strip()
+    if text.lower() in FROZEN_SPELLINGS:
+        return FROZEN
+    if text.lower() == "all":
+        return "all"
+    if text.lstrip("-").isdigit():
+        count = int(text)
+        if count < 0:
+            raise ValueError(f"callbacks.finetune.unfreeze={value!r}: a number of top blocks must be >= 0")
+        return count or FROZEN
+    return text
 
 
 def _get(config: Any, key: str, default: Any = None) -> Any:
@@ -46,5 +69,13 @@ def recipe_summary(config: Any) -> dict[str, Any]:
         "lr": _get(config, "optimizer.lr"),
         "epochs": _get(config, "trainer.max_epochs"),
         "augment": _get(config, "augment.name", "none"),
-        "unfreeze": str(finetune.get("unfreeze", "none")) if finetune else NO_FREEZING,
+        "unfreeze": _unfreeze_label(finetune.get("unfreeze")) if finetune else NO_FREEZING,
     }
+
+
+def _unfreeze_label(value: Any) -> str:
+    """How a summary shows ``unfreeze``: normalised (``none`` for null, 0 or none), else as written."""
+    try:
+        return str(normalise_unfreeze(value))
+    except ValueError:  # a stored config of a run that this version would refuse: shown as it was
+        return str(value)

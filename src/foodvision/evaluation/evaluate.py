@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from foodvision.atomic import atomic_open, ensure_dir, finite_json, write_text
@@ -32,6 +31,7 @@ from foodvision.data.roots import (
 from foodvision.errors import ClassMismatchError, ToolError
 from foodvision.evaluation import trust
 from foodvision.evaluation.figures import confusion_figure, plt, save_figure
+from foodvision.evaluation.metrics import RunningMetrics, metric_name, top_prediction
 from foodvision.evaluation.report import (
     write_report,  # report.html from the files above (foodvision.evaluation.report)
 )
@@ -39,81 +39,11 @@ from foodvision.inference.batches import Stream, stream_files
 from foodvision.inference.calibration import Calibration
 from foodvision.inference.checkpoints import run_dir_of
 from foodvision.inference.predictor import predictor_from_config
+from foodvision.runs.layout import METRICS, eval_dir
 
 log = logging.getLogger(__name__)
 
 PREDICTION_COLUMNS = ("file", "true", "predicted", "confidence")
-
-
-# ---- metrics --------------------------------------------------------------------------------------------
-def classification_metrics(confusion: Any) -> dict[str, Any]:
-    """Accuracy and per-class, macro and support-weighted precision/recall/F1 of a confusion matrix
-    (rows: true class, columns: predicted). A class never predicted has precision 0 (as torchmetrics)."""
-    matrix = np.asarray(confusion, dtype=np.float64)
-    tp = np.diag(matrix)
-    support = matrix.sum(axis=1)
-    predicted = matrix.sum(axis=0)
-    total = matrix.sum()
-    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
-    recall = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
-    both = precision + recall
-    f1 = np.divide(2 * precision * recall, both, out=np.zeros_like(tp), where=both > 0)
-    weights = support / total if total > 0 else np.zeros_like(support)
-    return {
-        "accuracy": float(tp.sum() / total) if total > 0 else 0.0,
-        "precision_macro": float(precision.mean()),
-        "recall_macro": float(recall.mean()),
-        "f1_macro": float(f1.mean()),
-        "precision_weighted": float((precision * weights).sum()),
-        "recall_weighted": float((recall * weights).sum()),
-        "f1_weighted": float((f1 * weights).sum()),
-        "per_class": {"precision": precision, "recall": recall, "f1": f1, "support": support.astype(int)},
-    }
-
-
-def confusion_matrix(true: Sequence[int], predicted: Sequence[int], num_classes: int) -> np.ndarray:
-    index = np.asarray(true, dtype=np.int64) * num_classes + np.asarray(predicted, dtype=np.int64)
-    return np.bincount(index, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
-
-
-def metric_name(split: str, name: str) -> str:
-    """The one vocabulary of metric keys: ``<split>/<name>`` as training logs them (``val/acc``,
-    ``test/f1_macro``), in the ``metrics.json`` of a training run and of ``eval.py`` alike."""
-    return f"{split}/{name}"
-
-
-class RunningMetrics:
-    """Confusion matrix, summed cross-entropy and top-5 hits, updated batch by batch (float64 sums): the
-    same metrics as computing them over all logits at once, without keeping the logits."""
-
-    def __init__(self, num_classes: int):
-        self.num_classes = num_classes
-        self.confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
-        self.loss_sum = 0.0
-        self.top5_correct = 0
-        self.count = 0
-
-    def update(self, logits: torch.Tensor, true: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Adds a batch; returns its ``(confidence, predicted class)``."""
-        logits = logits.float()
-        confidence, predicted = logits.softmax(dim=1).max(dim=1)
-        self.confusion += confusion_matrix(true.numpy(), predicted.numpy(), self.num_classes)
-        self.loss_sum += float(F.cross_entropy(logits.double(), true, reduction="sum"))
-        if self.num_classes >= 5:
-            top5 = logits.topk(5, dim=1).indices
-            self.top5_correct += int((top5 == true[:, None]).any(dim=1).sum())
-        self.count += len(true)
-        return confidence, predicted
-
-
-def split_metrics(split: str, totals: RunningMetrics, scores: Mapping[str, Any]) -> dict[str, float]:
-    """``<split>/acc``, ``acc_top5`` (5+ classes), ``loss`` and the precision/recall/F1 averages."""
-    values = {"acc": scores["accuracy"]}
-    if totals.num_classes >= 5:
-        values["acc_top5"] = totals.top5_correct / totals.count
-    values["loss"] = totals.loss_sum / totals.count
-    values.update({k: v for k, v in scores.items() if k not in ("accuracy", "per_class")})
-    return {metric_name(split, k): float(v) for k, v in values.items()}
 
 
 # ---- classes ------------------------------------------------------------------------------------------
@@ -273,7 +203,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         trust.calibrate_predictor(
             predictor, [p for p, _ in val], val_labels, cfg, batch_size, _workers(cfg), str(datamodule.root)
         )
-    out = Path(cfg.output_dir) if cfg.get("output_dir") else run_dir / f"eval-{split}"
+    out = Path(cfg.output_dir) if cfg.get("output_dir") else eval_dir(run_dir, split)
     ensure_dir(out)
     log.info("evaluating %d %s images from %s (%s) -> %s", len(files), split, datamodule.root, origin, out)
 
@@ -301,7 +231,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             if not batch.indices:
                 continue
             true = torch.from_numpy(labels[batch.indices])
-            confidence, predicted = totals.update(batch.logits, true)
+            confidence, predicted = top_prediction(batch.logits)  # the class the totals count
+            totals.update(batch.logits, true)
             trusted.update(batch.logits, true)
             for index, t, p, c in zip(
                 batch.indices, true.tolist(), predicted.tolist(), confidence.tolist(), strict=True
@@ -314,15 +245,14 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             raise ToolError(
                 f"none of the {len(files)} {split} images could be read (first: {stream.failed[0][1]})"
             )
-    confusion = totals.confusion
-    scores = classification_metrics(confusion)
-    per_class = scores.pop("per_class")
+    scores = totals.scores()
+    confusion, per_class = scores.confusion, scores.per_class
 
-    metrics: dict[str, Any] = split_metrics(split, totals, scores)
+    metrics: dict[str, Any] = scores.named(split)
     metrics.update(
         {
             "split": split,
-            "num_images": totals.count,
+            "num_images": scores.count,
             "num_classes": num_classes,
             "skipped_images": [{"file": f, "reason": r} for f, r in stream.failed],
             "checkpoint": str(predictor.path),
@@ -364,7 +294,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     )
     shown = wrong[: int(cfg.get("top_wrong", 16))]
     grid_title = (
-        f"most confident mistakes ({len(shown)} of {len(wrong)} wrong of {totals.count} {split} images)"
+        f"most confident mistakes ({len(shown)} of {len(wrong)} wrong of {scores.count} {split} images)"
     )
     save_figure(wrong_grid_figure(shown, grid_title), out / "most_confident_wrong.png")
 
@@ -377,7 +307,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         log.info(note)
         metrics["notes"] = [note]
     metrics["eval_dir"] = str(out)
-    write_text(out / "metrics.json", json.dumps(finite_json(metrics), indent=2, allow_nan=False) + "\n")
+    write_text(out / METRICS, json.dumps(finite_json(metrics), indent=2, allow_nan=False) + "\n")
     if cfg.get("report", True):
 
         write_report(out, predictor)

@@ -5,7 +5,7 @@ threshold, how well the unknown score separates the test photos from ``outside=`
 rejected), and seeded bootstrap intervals of accuracy, macro F1 and each class's F1.
 
 The math is :mod:`foodvision.inference.calibration` and :mod:`foodvision.evaluation.statistics`; this module runs the model and
-names the keys (``<split>/<name>``, :func:`foodvision.evaluation.evaluate.metric_name`).
+names the keys (``<split>/<name>``, :func:`foodvision.evaluation.metrics.metric_name`).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import torch
 
 from foodvision.errors import ToolError
 from foodvision.evaluation.figures import plt, save_figure
+from foodvision.evaluation.metrics import metric_name, top_prediction
 from foodvision.evaluation.statistics import DEFAULT_LEVEL, DEFAULT_RESAMPLES, bootstrap_intervals
 from foodvision.inference import calibration as cal
 from foodvision.inference.batches import Stream, stream_files
@@ -34,8 +35,6 @@ RELIABILITY_FILE = "reliability.png"
 
 
 def _name(split: str, key: str) -> str:
-    from foodvision.evaluation.evaluate import metric_name
-
     return metric_name(split, key)
 
 
@@ -160,7 +159,7 @@ class TrustTotals:
         raw = z * self.calibration.temperature
         raw_probabilities = raw.softmax(dim=1).numpy()
         self.true.append(labels)
-        self.predicted.append(probabilities.argmax(axis=1))
+        self.predicted.append(top_prediction(logits)[1].numpy())  # the class eval's metrics count
         self.confidence.append(probabilities.max(axis=1))
         self.confidence_uncalibrated.append(raw_probabilities.max(axis=1))
         for score in cal.SCORES:

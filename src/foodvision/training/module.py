@@ -149,9 +149,10 @@ class LitClassifier(L.LightningModule):
             loss_value = loss.detach().float()
             bad = torch.where(torch.isfinite(loss_value), torch.zeros_like(loss_value), loss_value)
             self._val_nonfinite = bad if self._val_nonfinite is None else self._val_nonfinite + bad
-        # sync_dist: the epoch's mean over every process under DDP (one reduction at the epoch end)
-        epoch_mean = {"on_step": False, "on_epoch": True, "sync_dist": True}
-        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=len(targets), **epoch_mean)
+        # No sync_dist: Lightning reduces such values lazily, when something reads them (rank 0's progress
+        # bar in its epoch-end hook), and that collective would meet the metrics' all_reduce of the module's
+        # epoch-end hook on the other ranks: a hang under DDP.
+        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(targets))
         return loss
 
     def _check_finite_loss(self, loss: torch.Tensor, where: str, name: str) -> None:

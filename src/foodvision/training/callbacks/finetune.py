@@ -27,6 +27,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
+from foodvision.config.recipe import FROZEN, normalise_unfreeze
 from foodvision.models.classifier import BlockGroup
 from foodvision.training.schedules import Stage2Schedule
 
@@ -40,13 +41,15 @@ def norm_layers(module: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def select_groups(groups: list[BlockGroup], unfreeze: str | int | None) -> list[BlockGroup]:
-    """The block groups that stage 2 trains: ``none``, ``all``, the top ``N`` groups, or from a named block up."""
-    if unfreeze in (None, "none", 0, "0"):
+    """The block groups that stage 2 trains: ``none``, ``all``, the top ``N`` groups, or from a named block up
+    (any spelling :func:`foodvision.config.recipe.normalise_unfreeze` accepts)."""
+    unfreeze = normalise_unfreeze(unfreeze)
+    if unfreeze == FROZEN:
         return []
     if unfreeze == "all":
         return list(groups)
-    if isinstance(unfreeze, int) or str(unfreeze).isdigit():
-        count = int(unfreeze)
+    if isinstance(unfreeze, int):
+        count = unfreeze
         if count > len(groups):
             raise ValueError(
                 f"callbacks.finetune.unfreeze={count} but the backbone has only {len(groups)} blocks"
@@ -57,7 +60,7 @@ def select_groups(groups: list[BlockGroup], unfreeze: str | int | None) -> list[
         raise ValueError(
             f"callbacks.finetune.unfreeze={unfreeze!r} is not a block of this backbone; blocks are {names}"
         )
-    return groups[names.index(str(unfreeze)) :]
+    return groups[names.index(unfreeze) :]
 
 
 class TwoStageFinetuning(Callback):
@@ -66,7 +69,8 @@ class TwoStageFinetuning(Callback):
     Stage 1 ends after ``stage1_epochs`` epochs, or, with ``patience`` set, earlier when ``monitor``
     has not improved for ``patience`` epochs, or, under a time budget (``trainer.max_time``), after the
     epoch during which ``stage1_share`` of it was spent, so that stage 2 runs within the budget.
-    ``unfreeze='none'`` keeps the backbone frozen throughout.
+    ``unfreeze='none'`` (or null, or 0: :func:`foodvision.config.recipe.normalise_unfreeze`) keeps the backbone
+    frozen throughout.
     The backbone's learning rate is the module's (``optimizer.backbone_lr_factor``), its schedule the
     scheduler's.
     """
@@ -86,16 +90,16 @@ class TwoStageFinetuning(Callback):
                 f"callbacks.finetune.stage1_share must be in (0, 1) or null, got {stage1_share!r}"
             )
         self.stage1_share = stage1_share
-        if stage1_epochs is None and patience is None and unfreeze not in (None, "none"):
+        self.unfreeze = normalise_unfreeze(unfreeze)
+        if stage1_epochs is None and patience is None and self.unfreezes:
             raise ValueError(
                 "set callbacks.finetune.stage1_epochs or callbacks.finetune.patience to say when stage 2 starts"
             )
         self.stage1_epochs = stage1_epochs
-        self.unfreeze = unfreeze
         self.train_bn = train_bn
         self.patience = patience
         self.monitor = monitor
-        self.switch_epoch: int | None = None if unfreeze in (None, "none", 0, "0") else stage1_epochs
+        self.switch_epoch: int | None = stage1_epochs if self.unfreezes else None
         self._best: float | None = None
         self._bad_epochs = 0
         self._applied_stage: int | None = None
@@ -110,7 +114,8 @@ class TwoStageFinetuning(Callback):
 
     @property
     def unfreezes(self) -> bool:
-        return bool(self._stage2_params) or self.unfreeze not in (None, "none", 0, "0")
+        """Whether there is a stage 2 at all (``unfreeze`` is not none)."""
+        return self.unfreeze != FROZEN
 
     # ---- setup ------------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -191,7 +196,7 @@ class TwoStageFinetuning(Callback):
         """With ``patience``, end stage 1 once ``monitor`` stops improving."""
         if trainer.sanity_checking or self.patience is None or self.stage_at(trainer.current_epoch) == 2:
             return
-        if self.unfreeze in (None, "none", 0, "0"):
+        if not self.unfreezes:
             return
         value = trainer.callback_metrics.get(self.monitor)
         if value is None:
