@@ -44,6 +44,7 @@ if str(BENCH_DIR) not in sys.path:
     sys.path.insert(0, str(BENCH_DIR))  # sections and results; also seen by spawned children
 
 import results  # noqa: E402 - torch-free: summaries and results.md
+import tensor_path  # noqa: E402 - torch-free at the top: its summariser
 
 TWO, ONE = ("baseline", "ours"), ("main",)
 
@@ -72,6 +73,7 @@ SECTIONS: dict[str, Section] = {
     "scale": Section("sections:Scale", ONE, results.sum_scale, repeats=False),
     "recipe": Section("sections:Recipe", ONE, results.sum_recipe, repeats=False),
     "int8": Section("sections:Int8", TWO, results.sum_int8),
+    "tensor_path": Section("tensor_path:TensorPath", ONE, tensor_path.summarise, repeats=False),
 }
 
 # Sizes: full benchmark and --quick (smoke test: a few batches, one repeat; numbers mean little).

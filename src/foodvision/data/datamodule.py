@@ -299,6 +299,7 @@ class FoodDataModule(L.LightningDataModule):
         self.verify_images()
         self.datasets = {split: self.image_dataset(split, augmented=split == "train") for split in SPLITS}
         self.resolved_pipeline = self.resolve_pipeline(self._device_type())
+        log.info("data.pipeline=%s: %s data path", self.pipeline, self.resolved_pipeline)
         if self.resolved_pipeline != "pil":
             self._batch_transforms = {
                 train: BatchedTransform.from_config(self.preprocessing, self.augment, train=train)
@@ -383,6 +384,10 @@ class FoodDataModule(L.LightningDataModule):
                 if isinstance(dataset, CachedInputs)
                 else EpochShuffleSampler(len(dataset), self.seed)
             )
+            # The epoch the loader is built for (a resumed run's first): Lightning creates that epoch's
+            # iterator before it calls set_epoch (with the same value), and worker loaders fetch their
+            # first batches right then: in the order of epoch 0, without this.
+            sampler.set_epoch(self.trainer.fit_loop.epoch_progress.current.processed if self.trainer else 0)
         options: dict[str, Any] = {
             "batch_size": batch_size or self.batch_size,
             "shuffle": shuffle if sampler is None else None,
@@ -394,10 +399,14 @@ class FoodDataModule(L.LightningDataModule):
         if not isinstance(dataset, (ImageListDataset, EncodedFileDataset, DecodedPhotoDataset)):
             return DataLoader(dataset, **options, **in_process)
         workers = self.num_workers
+        # The tensor path's workers draw nothing at random (they read bytes or rows), so its loaders take
+        # the generator with workers too: their iterators never move torch's global stream (a resumed run
+        # draws the uninterrupted run's dropout masks); a PIL worker's seed comes from the global stream.
+        raw = isinstance(dataset, (EncodedFileDataset, DecodedPhotoDataset))
         return DataLoader(
             dataset,
             **options,
-            **(in_process if workers == 0 else {}),
+            **(in_process if workers == 0 or raw else {}),
             num_workers=workers,
             persistent_workers=self.persistent_workers and workers > 0,
             pin_memory=self.pin_memory,
@@ -455,11 +464,12 @@ class FoodDataModule(L.LightningDataModule):
         if batch.photos is not None:
             images: Any = batch.photos.to(device, non_blocking=True)
         else:
-            assert batch.payloads is not None
+            payloads = batch.payloads
+            assert payloads is not None
             side = photo_side(self.preprocessing, self.augment if batch.train else None)
-            images, kept = decode_batch(batch.payloads, batch.names, device, side, self.skip_bad_images)
+            images, kept = decode_batch(payloads, batch.names, device, side, self.skip_bad_images)
             if len(kept) < len(batch):
-                self._record_undecodable(batch, kept)
+                self._record_undecodable(payloads, batch.names, kept)
                 if not kept:
                     return None
                 targets, indices = targets[kept], indices[kept]
@@ -467,13 +477,12 @@ class FoodDataModule(L.LightningDataModule):
         transform = self._batch_transforms[batch.train]
         return transform(images, indices, epoch, self.seed), targets.to(device, non_blocking=True)
 
-    def _record_undecodable(self, batch: RawBatch, kept: list[int]) -> None:
+    def _record_undecodable(self, payloads: list[torch.Tensor], names: list[str], kept: list[int]) -> None:
         """Name the files the batched decode left out (decoded alone once more, for the reason)."""
-        assert batch.payloads is not None
-        for position in sorted(set(range(len(batch))) - set(kept)):
+        for position in sorted(set(range(len(names))) - set(kept)):
             try:
-                decode_batch([batch.payloads[position]], [batch.names[position]])
-                error = BadImageError(batch.names[position], "could not be decoded in its batch")
+                decode_batch([payloads[position]], [names[position]])
+                error = BadImageError(names[position], "could not be decoded in its batch")
             except BadImageError as bad:
                 error = bad
             record_bad_image(self.bad_images_log, error)
@@ -495,5 +504,5 @@ class FoodDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         return self._split_loader("val")
 
-    def test_dataloader(self) -> DataLoader:
-        return self.loader(self.datasets["test"], shuffle=False, batch_size=self.eval_batch_size)
+    # No test_dataloader: the test split is evaluated by eval.py's code (foodvision.evaluation.evaluate),
+    # never by trainer.test.

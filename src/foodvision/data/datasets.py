@@ -1,18 +1,28 @@
-"""Map-style datasets over (path, label) lists, tolerant of bad files when asked."""
+"""Map-style datasets over (path, label) lists, tolerant of bad files when asked.
+
+:class:`ImageListDataset` decodes and transforms in loader workers (``data.pipeline=pil``). The tensor data
+path's datasets leave that to the training device: :class:`EncodedFileDataset` only reads each file's bytes
+(``data.pipeline=tensor``), :class:`DecodedPhotoDataset` only reads a photo's row of the decoded-photo cache
+(``data.pipeline=decoded``); both collate into a :class:`RawBatch`, which ``FoodDataModule`` decodes and
+transforms batch-wise once it is on the device (:mod:`foodvision.data.batched`).
+"""
 
 from __future__ import annotations
 
 import fcntl
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import Dataset, default_collate
+from torchvision.io import read_file
 
 from foodvision.data.images import BadImageError, load_rgb
 from foodvision.data.splits import Sample
+from foodvision.data.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -66,13 +76,18 @@ class ImageListDataset(Dataset):
             return self.transform(image), label
 
     def _record_bad(self, error: BadImageError) -> None:
-        log.warning("skipping %s (%s)", error.path, error.reason)
-        if self.bad_images_log is None:
-            return
-        self.bad_images_log.parent.mkdir(parents=True, exist_ok=True)
-        with self.bad_images_log.open("a") as handle:  # workers append concurrently
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            handle.write(f"{error.path}\t{error.reason}\n")
+        record_bad_image(self.bad_images_log, error)
+
+
+def record_bad_image(bad_images_log: Path | None, error: BadImageError) -> None:
+    """Warn about a file skipped under ``data.skip_bad_images`` and append it to the run's log."""
+    log.warning("skipping %s (%s)", error.path, error.reason)
+    if bad_images_log is None:
+        return
+    bad_images_log.parent.mkdir(parents=True, exist_ok=True)
+    with bad_images_log.open("a") as handle:  # workers append concurrently
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        handle.write(f"{error.path}\t{error.reason}\n")
 
 
 def unreadable(path: str, error: Exception) -> BadImageError:
@@ -98,3 +113,126 @@ def read_bad_images_log(path: str | Path) -> list[str]:
     if not path.is_file():
         return []
     return sorted({line.split("\t", 1)[0] for line in path.read_text().splitlines() if line})
+
+
+# ---- the tensor data path: workers read, the training device decodes and transforms -------------------
+@dataclass
+class RawBatch:
+    """A batch as loader workers leave it: the files' bytes (``encoded``: all files end to end in one
+    uint8 tensor, ``lengths`` bytes each: one shared-memory block per batch between processes, not one
+    per file) or their decoded photos (``photos``: uint8 ``[B, 3, S, S]`` from the decoded-photo cache),
+    with the class ``targets``, the photos' positions in their split (``indices``: what the augmentation
+    draws are a function of), their paths (``names``: errors name the file) and whether the split is
+    augmented (``train``)."""
+
+    targets: torch.Tensor
+    indices: torch.Tensor
+    names: list[str]
+    train: bool
+    encoded: torch.Tensor | None = None
+    lengths: torch.Tensor | None = None
+    photos: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    @property
+    def payloads(self) -> list[torch.Tensor] | None:
+        """Each file's bytes (1-D uint8 views of ``encoded``), or None for a batch of decoded photos."""
+        if self.encoded is None or self.lengths is None:
+            return None
+        return list(torch.split(self.encoded, self.lengths.tolist()))
+
+    def pin_memory(self) -> RawBatch:
+        """Pinned photos (DataLoader ``pin_memory``): their copy to a GPU overlaps compute. The file bytes
+        stay where they are: nvJPEG reads them from ordinary host memory."""
+        photos = self.photos.pin_memory() if self.photos is not None else None
+        return RawBatch(
+            self.targets, self.indices, self.names, self.train, self.encoded, self.lengths, photos
+        )
+
+
+def _raw_batch(items: list[Any], train: bool, encoded: bool) -> RawBatch | None:
+    kept = [item for item in items if item is not None]
+    if not kept:
+        return None
+    data, labels, indices, names = zip(*kept, strict=True)
+    content = (
+        {"encoded": torch.cat(data), "lengths": torch.tensor([len(d) for d in data], dtype=torch.long)}
+        if encoded
+        else {"photos": torch.stack(data)}
+    )
+    return RawBatch(
+        torch.tensor(labels, dtype=torch.long),
+        torch.tensor(indices, dtype=torch.long),
+        list(names),
+        train,
+        **content,
+    )
+
+
+class EncodedFileDataset(Dataset):
+    """Each photo's file bytes (``torchvision.io.read_file``): the cheapest work a loader worker can do.
+    A file that vanished or cannot be read is bad: with ``skip_bad_images`` it is logged and skipped, else
+    a :class:`BadImageError` names it (decode failures are found, and treated the same, on the device)."""
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        train: bool = False,
+        skip_bad_images: bool = False,
+        bad_images_log: str | Path | None = None,
+    ):
+        self.samples = list(samples)
+        self.train = train
+        self.skip_bad_images = skip_bad_images
+        self.bad_images_log = Path(bad_images_log) if bad_images_log else None
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int, str] | None:
+        path, label = self.samples[index]
+        try:
+            payload = read_file(path)
+        except Exception as error:  # noqa: BLE001 - a file that cannot be read is a bad file
+            bad = unreadable(path, error)
+            if not self.skip_bad_images:
+                raise bad from error
+            record_bad_image(self.bad_images_log, bad)
+            return None
+        return payload, label, index, path
+
+    def collate(self, items: list[Any]) -> RawBatch | None:
+        return _raw_batch(items, self.train, encoded=True)
+
+
+class DecodedPhotoDataset(Dataset):
+    """Each photo's row of a decoded-photo cache (:mod:`foodvision.data.decoded`): a copy of that row of
+    the memory-mapped store, nothing else in memory. ``rows[i]`` is the store row of ``samples[i]``; a
+    row marked bad (the file could not be decoded when the cache was built) is skipped."""
+
+    def __init__(self, store: Store, samples: Sequence[Sample], rows: Sequence[int], train: bool = False):
+        if len(rows) != len(samples):
+            raise ValueError(f"{len(rows)} rows for {len(samples)} samples")
+        self.store = store
+        self.samples = list(samples)
+        self.rows = list(rows)
+        self.train = train
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def row_bytes(self) -> int:
+        return self.store.nbytes // max(1, self.store.rows)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int, str] | None:
+        path, label = self.samples[index]
+        row = self.rows[index]
+        if not self.store.array("ok")[row]:
+            return None
+        return self.store.read("photos", [row])[0], label, index, path
+
+    def collate(self, items: list[Any]) -> RawBatch | None:
+        return _raw_batch(items, self.train, encoded=False)
