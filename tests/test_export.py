@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from foodvision.cli.export import export
 from foodvision.errors import ModelLoadError
 from foodvision.inference.checkpoints import META_KEY, load_checkpoint_model, quiet_jit
-from foodvision.cli.export import export
 from foodvision.inference.predict import predict
 from foodvision.inference.predictor import Predictor
 

@@ -19,9 +19,9 @@ from foodvision.data.cached import CachedInputs
 from foodvision.errors import ToolError
 from foodvision.evaluation.evaluate import evaluate
 from foodvision.evaluation.metrics import classification_metrics, confusion_matrix
+from foodvision.inference import engine
 from foodvision.inference.batches import infer_files
 from foodvision.inference.predict import PredictionWriter, collect_inputs, predict, write_output
-from foodvision.inference import engine
 from foodvision.inference.predictor import Predictor
 from foodvision.training.callbacks.feature_cache import COMPACT_MAPS_DTYPE, extract_features
 

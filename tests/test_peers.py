@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 
+from foodvision.cli.export import export
 from foodvision.config.check import ConfigError
 from foodvision.data.datamodule import FoodDataModule
 from foodvision.data.mixing import BatchMixer
 from foodvision.evaluation.evaluate import evaluate
 from foodvision.inference.checkpoints import META_KEY, load_checkpoint_model
-from foodvision.cli.export import export
 from foodvision.inference.predict import predict
 from foodvision.inference.predictor import Predictor
 from foodvision.training.fit import train

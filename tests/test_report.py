@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from foodvision.cli.export import export
 from foodvision.evaluation.evaluate import evaluate
 from foodvision.evaluation.report import cam_target_layer
 from foodvision.inference.checkpoints import load_checkpoint_model
-from foodvision.cli.export import export
 from foodvision.models.classifier import build_classifier
 from foodvision.runs.compare import compare
 
@@ -246,7 +246,9 @@ def test_compare_writes_the_leaderboard_as_html(tiny_run: TinyRun, tmp_path: Pat
     page = Page((root / "leaderboard.html").read_text())
     assert_self_contained(page)
     table = [a.get("data-status") for _, a in page.find("tr") if "data-status" in a]
-    assert table == [r["status"] for r in rows] == ["ok", "ok", "incomplete"]  # no failed.json: nothing says it failed
+    assert (
+        table == [r["status"] for r in rows] == ["ok", "ok", "incomplete"]
+    )  # no failed.json: nothing says it failed
     runs = [page.inner(i) for i, a in page.find("td", data_key="run")]
     accuracies = [page.inner(i) for i, a in page.find("td", data_key="test_acc")]
     assert runs == ["b", "a", "broken"] and accuracies == ["0.7500", "0.5000", "-"]

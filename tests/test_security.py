@@ -16,9 +16,9 @@ from omegaconf import OmegaConf
 
 from foodvision.app.demo import example_photos, serve
 from foodvision.cli import run_tool
+from foodvision.cli.export import export
 from foodvision.evaluation.evaluate import evaluate
 from foodvision.inference.checkpoints import META_KEY, export_metadata, load_checkpoint_model, quiet_jit
-from foodvision.cli.export import export
 from foodvision.inference.predict import predict
 from foodvision.inference.predictor import Predictor
 

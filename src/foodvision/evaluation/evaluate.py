@@ -309,7 +309,6 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     metrics["eval_dir"] = str(out)
     write_text(out / METRICS, json.dumps(finite_json(metrics), indent=2, allow_nan=False) + "\n")
     if cfg.get("report", True):
-
         write_report(out, predictor)
     _print_summary(metrics, out, stream.images_per_second)
     return metrics
@@ -333,7 +332,9 @@ def calibrate_checkpoint(cfg: Any, ckpt_path: str | Path) -> Calibration:
     )
     files = [str(path) for path, _ in splits.splits["val"]]
     labels = np.array([to_model[label] for _, label in splits.splits["val"]], dtype=np.int64)
-    return trust.calibrate_predictor(predictor, files, labels, cfg, batch_size, _workers(cfg), str(datamodule.root))
+    return trust.calibrate_predictor(
+        predictor, files, labels, cfg, batch_size, _workers(cfg), str(datamodule.root)
+    )
 
 
 def _print_summary(metrics: Mapping[str, Any], out: Path, speed: float) -> None:
