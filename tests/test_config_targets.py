@@ -121,7 +121,9 @@ def test_the_old_name_spelling_still_switches_the_class_with_a_notice(caplog) ->
     """`optimizer.name=sgd` on a shipped preset switched the class before `_target_`: it still does, for one
     release, with a one-line notice; a shipped name on a class of one's own is an error saying how to choose."""
     with caplog.at_level("WARNING"):
-        optimizer = module_of(composed(*SMALL, "optimizer=adamw", "optimizer.name=sgd")).configure_optimizers()
+        optimizer = module_of(
+            composed(*SMALL, "optimizer=adamw", "optimizer.name=sgd")
+        ).configure_optimizers()
     optimizer = optimizer[0][0] if isinstance(optimizer, tuple) else optimizer
     optimizer = optimizer["optimizer"] if isinstance(optimizer, dict) else optimizer
     assert type(optimizer).__name__ == "SGD" and optimizer.param_groups[0]["momentum"] == 0.9
