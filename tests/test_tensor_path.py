@@ -16,6 +16,7 @@ from lightning.pytorch.callbacks import Callback
 from PIL import Image
 
 from foodvision.config.check import ConfigError
+from foodvision.data import decoded as decoded_module
 from foodvision.data.datamodule import FoodDataModule
 from foodvision.data.datasets import ImageListDataset
 from foodvision.data.images import BadImageError
@@ -150,6 +151,19 @@ def test_the_decoded_cache_is_built_once_and_reused(image_folder, tmp_path, capl
     third = datamodule(image_folder, tmp_path / "cache", "decoded", augment={"name": "seed"})
     batches(third, "train")
     assert len(third.decoded_builds) == 1
+
+
+def test_a_decoded_cache_too_large_for_the_disk_decodes_every_epoch_instead(
+    image_folder, tmp_path, caplog, monkeypatch
+) -> None:
+    """A cache that would take more than its share of the free disk is not written: the split is decoded
+    every epoch (the tensor path), with a warning naming the size; the batches are still served."""
+    monkeypatch.setattr(decoded_module, "MAX_SHARE_OF_FREE_DISK", 0.0)
+    with caplog.at_level(logging.WARNING, logger="foodvision"):
+        dm = datamodule(image_folder, tmp_path / "cache", "decoded", augment={"name": "seed"})
+        served = batches(dm, "train")
+    assert dm.decoded_builds == [] and not (tmp_path / "cache" / "decoded").exists()
+    assert "decoding every epoch instead" in caplog.text and served and served[0][0].ndim == 4
 
 
 def test_validation_on_the_decoded_cache_is_the_pil_eval_transform(image_folder, tmp_path) -> None:

@@ -25,7 +25,13 @@ from foodvision.data.datasets import (
     read_bad_images_log,
     record_bad_image,
 )
-from foodvision.data.decoded import load_or_build_decoded, photo_side
+from foodvision.data.decoded import (
+    decoded_bytes,
+    find_decoded,
+    fits_on_disk,
+    load_or_build_decoded,
+    photo_side,
+)
 from foodvision.data.duplicates import (
     DUPLICATES_FILE,
     EXCLUDED_FILE,
@@ -423,13 +429,28 @@ class FoodDataModule(L.LightningDataModule):
         samples = self.discover().splits[split]
         train = split == "train"
         dataset: EncodedFileDataset | DecodedPhotoDataset
-        if self.resolved_pipeline == "tensor":
+        paths = [path for path, _ in samples]
+        side = photo_side(self.preprocessing, self.augment if train else None)
+        encoded = self.resolved_pipeline == "tensor"
+        if not encoded and not find_decoded(paths, side, self.preprocessing.interpolation, self.cache_dir):
+            if not fits_on_disk(len(set(paths)), side, self.cache_dir):
+                log.warning(
+                    "data.pipeline=%s: a decoded-photo cache of the %s split (%d photos at %d px, %.1f GB) would "
+                    "take over half the free disk space of %s: decoding every epoch instead (data.pipeline=tensor)",
+                    self.pipeline,
+                    split,
+                    len(set(paths)),
+                    side,
+                    decoded_bytes(len(set(paths)), side) / 1e9,
+                    self.cache_dir,
+                )
+                encoded = True
+        if encoded:
             dataset = EncodedFileDataset(samples, train, self.skip_bad_images, self.bad_images_log)
         else:
-            paths = [path for path, _ in samples]
             decoded, built = load_or_build_decoded(
                 paths,
-                photo_side(self.preprocessing, self.augment if train else None),
+                side,
                 self.preprocessing.interpolation,
                 self.cache_dir,
                 workers=self.num_workers,
