@@ -43,6 +43,7 @@ def data_root(tmp_path: Path) -> Path:
     return root
 
 
+@pytest.mark.slow  # every section at toy sizes: ~50 s; `make test-all` (CI) runs it
 def test_quick_run_writes_results(tmp_path: Path, data_root: Path) -> None:
     out = tmp_path / "bench"
     command = [

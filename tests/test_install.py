@@ -18,6 +18,8 @@ from .conftest import ROOT, TINY_RUN_SETTINGS, make_class_tree
 # What a wheel is built from (README.md: the long description); src/ and conf/ are copied beside them.
 PACKAGING_FILES = ("pyproject.toml", "setup.py", "README.md")
 TOOLS = ("train", "eval", "predict", "export", "serve", "compare", "audit")
+# Building a wheel and a run from it take about a minute: `make test-all` (CI) runs them.
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
