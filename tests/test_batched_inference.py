@@ -5,10 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 
 from foodvision.data.batched import BatchedTransform
 from foodvision.data.datamodule import FoodDataModule
@@ -20,6 +18,8 @@ from foodvision.inference.predictor import Predictor
 from foodvision.training.callbacks.feature_cache import DecodedEvalBatches, FeatureCache, batched_extraction
 from foodvision.training.callbacks.finetune import TwoStageFinetuning
 from foodvision.training.module import LitClassifier
+
+from .test_finetune import fit
 
 MODEL = {
     "kind": "timm",
@@ -71,21 +71,7 @@ def _cache_run(root: Path, out: Path, pipeline: str) -> FeatureCache:
     dm = _datamodule(root, out, pipeline)
     module = _module(dm)
     cache = FeatureCache("auto", str(out / "features"), engine="torch")
-    L.Trainer(
-        max_epochs=1,
-        accelerator="cpu",
-        precision="32-true",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        default_root_dir=str(out),
-        callbacks=[
-            TwoStageFinetuning(5, "none"),
-            cache,
-            ModelCheckpoint(dirpath=str(out / "ckpt"), save_top_k=0),
-        ],
-    ).fit(module, datamodule=dm)
+    fit(module, dm, out, [TwoStageFinetuning(5, "none"), cache], epochs=1)
     return cache
 
 

@@ -356,7 +356,9 @@ def cached_recipe_runs(tmp_path_factory: pytest.TempPathFactory):
         pytest.param(
             "features", ["experiment=mobilenetv2_features", "trainer.max_epochs=3"], [1], id="features"
         ),
-        pytest.param("two_stage", TWO_STAGE, [1, 2, 3], id="two-stage-stage1-switch-stage2"),
+        pytest.param(
+            "two_stage", TWO_STAGE, [1, 2, 3], id="two-stage-stage1-switch-stage2", marks=pytest.mark.slow
+        ),  # three kills and resumes: ~75 s; make test-all (CI) runs it
     ],
 )
 def test_sigkill_resume_of_the_cached_feature_recipes_is_bit_exact(

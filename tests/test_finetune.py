@@ -196,6 +196,7 @@ class BatchLRs(Callback):
         self.lrs[(trainer.current_epoch, batch_idx)] = [g["lr"] for g in trainer.optimizers[0].param_groups]
 
 
+@pytest.mark.slow  # ~55 s; make test-all (CI) runs it
 def test_stage2_schedule_warms_up_decays_and_resumes_exactly(image_folder: Path, tmp_path: Path) -> None:
     """``scheduler=stage2`` owns the rates: base rates in stage 1, warm-up and cosine decay from the switch
     the fine-tuning callback reports; a run resumed in stage 2 continues it step for step."""

@@ -157,6 +157,7 @@ def test_summary_of_ok_failed_and_incomplete_trials(tmp_path: Path) -> None:
     importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is None,
     reason='needs pip install -e ".[sweep]"',
 )
+@pytest.mark.slow  # a 2-trial optuna multirun: ~25 s; make test-all (CI) runs it
 def test_optuna_sweep_stores_study_and_reuses_cached_features(small_tree: Path, tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     result = _run_train(
