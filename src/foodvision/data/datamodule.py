@@ -27,8 +27,6 @@ from foodvision.data.datasets import (
 )
 from foodvision.data.decoded import (
     decoded_bytes,
-    find_decoded,
-    fits_on_disk,
     load_or_build_decoded,
     photo_side,
 )
@@ -431,23 +429,8 @@ class FoodDataModule(L.LightningDataModule):
         dataset: EncodedFileDataset | DecodedPhotoDataset
         paths = [path for path, _ in samples]
         side = photo_side(self.preprocessing, self.augment if train else None)
-        encoded = self.resolved_pipeline == "tensor"
-        if not encoded and not find_decoded(paths, side, self.preprocessing.interpolation, self.cache_dir):
-            if not fits_on_disk(len(set(paths)), side, self.cache_dir):
-                log.warning(
-                    "data.pipeline=%s: a decoded-photo cache of the %s split (%d photos at %d px, %.1f GB) would "
-                    "take over half the free disk space of %s: decoding every epoch instead (data.pipeline=tensor)",
-                    self.pipeline,
-                    split,
-                    len(set(paths)),
-                    side,
-                    decoded_bytes(len(set(paths)), side) / 1e9,
-                    self.cache_dir,
-                )
-                encoded = True
-        if encoded:
-            dataset = EncodedFileDataset(samples, train, self.skip_bad_images, self.bad_images_log)
-        else:
+        decoded = None
+        if self.resolved_pipeline == "decoded":
             decoded, built = load_or_build_decoded(
                 paths,
                 side,
@@ -459,7 +442,22 @@ class FoodDataModule(L.LightningDataModule):
                 progress=rank_zero_only.rank == 0,
                 what=f"{split} photos",
             )
-            (self.decoded_builds if built else self.decoded_hits).append(str(decoded.store.path))
+            if decoded is None:
+                log.warning(
+                    "data.pipeline=%s: a decoded-photo cache of the %s split (%d photos at %d px, %.1f GB) would "
+                    "take over half the free disk space of %s: decoding every epoch instead (data.pipeline=tensor)",
+                    self.pipeline,
+                    split,
+                    len(set(paths)),
+                    side,
+                    decoded_bytes(len(set(paths)), side) / 1e9,
+                    self.cache_dir,
+                )
+            else:
+                (self.decoded_builds if built else self.decoded_hits).append(str(decoded.store.path))
+        if decoded is None:
+            dataset = EncodedFileDataset(samples, train, self.skip_bad_images, self.bad_images_log)
+        else:
             dataset = DecodedPhotoDataset(decoded.store, samples, decoded.rows(paths), train)
         self._tensor_datasets[split] = dataset
         return dataset

@@ -177,13 +177,6 @@ def fits_on_disk(count: int, side: int, cache_dir: str | Path | None) -> bool:
     return decoded_bytes(count, side) <= MAX_SHARE_OF_FREE_DISK * free
 
 
-def find_decoded(paths: Sequence[str], side: int, interpolation: str, cache_dir: str | Path | None) -> bool:
-    """Whether a complete decoded-photo cache of ``paths`` is already there."""
-    unique = unique_paths(paths)
-    name = f"{decoded_cache_key(unique, side, interpolation)}-{side}px"
-    return _find(decoded_cache_folder(cache_dir), name) is not None
-
-
 def load_or_build_decoded(
     paths: Sequence[str],
     side: int,
@@ -194,9 +187,10 @@ def load_or_build_decoded(
     on_bad: Callable[[BadImageError], None] | None = None,
     progress: bool = True,
     what: str = "photos",
-) -> tuple[DecodedPhotos, bool]:
+) -> tuple[DecodedPhotos | None, bool]:
     """The decoded photos of ``paths`` (``what`` names them in messages) and whether they were decoded now
-    (False: found in the cache). A file that cannot be decoded is a :class:`BadImageError` naming it, or,
+    (False: found in the cache); ``(None, False)`` when there is no cache of them and a new one would not
+    fit on its disk (:func:`fits_on_disk`). A file that cannot be decoded is a :class:`BadImageError` naming it, or,
     with ``skip_bad_images``, a zero row marked bad (``on_bad`` is told, here and on every later hit)."""
     unique = unique_paths(paths)
     folder = decoded_cache_folder(cache_dir)
@@ -211,6 +205,8 @@ def load_or_build_decoded(
             if on_bad is not None:
                 on_bad(BadImageError(path, reason))
         return decoded, False
+    if not fits_on_disk(len(unique), side, cache_dir):
+        return None, False
     target = writable_cache_dir(folder, "decoded-photo cache") / name
     started = time.perf_counter()
     bad: dict[str, str] = {}

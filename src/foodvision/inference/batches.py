@@ -182,28 +182,21 @@ def iterate_batches(
     :func:`batched_decode_default`)."""
     if batched_decode is None:
         batched_decode = batched_decode_default(predictor)
+    pre = predictor.preprocessing
+    loader = DataLoader(
+        EncodedFiles(files, pre.resize_size) if batched_decode else ImageFiles(files, pre),
+        batch_size=batch_size or predictor.max_batch,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=collate_encoded if batched_decode else collate_files,
+    )
     if not batched_decode:
-        loader = DataLoader(
-            ImageFiles(files, predictor.preprocessing),
-            batch_size=batch_size or predictor.max_batch,
-            shuffle=False,
-            num_workers=num_workers,
-            collate_fn=collate_files,
-        )
         for indices, images, bad in loader:
             yield indices, (predictor.logits(images) if images is not None else None), bad
             del images  # before the loader builds the next batch
         return
-    pre = predictor.preprocessing
     transform = BatchedTransform.from_config(pre, None, train=False)
-    encoded = DataLoader(
-        EncodedFiles(files, pre.resize_size),
-        batch_size=batch_size or predictor.max_batch,
-        shuffle=False,
-        num_workers=num_workers,
-        collate_fn=collate_encoded,
-    )
-    for indices, payloads, bad in encoded:
+    for indices, payloads, bad in loader:
         names = [str(files[i]) for i in indices]
         images, kept, failed = decode_eval_batch(
             payloads, names, transform, predictor.device, pre.resize_size
